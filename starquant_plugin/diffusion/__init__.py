@@ -1,0 +1,28 @@
+"""Masked-diffusion decoding, likelihood and masking (pure torch)."""
+
+from .likelihood import masked_nll
+from .masking import MASKED, UNMASKED, mask_positions, masked_state, spread_mask_ratios, token_states
+from .sampler import (
+    DiffusionOutput,
+    DiffusionSamplingConfig,
+    TrajectoryStep,
+    diffusion_generate,
+    hf_logits_fn,
+    num_transfer_tokens,
+)
+
+__all__ = [
+    "MASKED",
+    "UNMASKED",
+    "DiffusionOutput",
+    "DiffusionSamplingConfig",
+    "TrajectoryStep",
+    "diffusion_generate",
+    "hf_logits_fn",
+    "mask_positions",
+    "masked_nll",
+    "masked_state",
+    "num_transfer_tokens",
+    "spread_mask_ratios",
+    "token_states",
+]

@@ -1,0 +1,263 @@
+"""LLaDA masked-diffusion decoding (the reference semantics every backend follows).
+
+Canvas = left-padded prompt followed by `gen_length` mask tokens. The generation is split
+into `gen_length / block_length` blocks decoded left to right and `steps` are split evenly
+across blocks. At each step the model scores the whole canvas (bidirectional), a token is
+proposed for every masked position (argmax, or float64 Gumbel-max when temperature > 0),
+and the most confident proposals inside the current block are committed: a fixed schedule
+(the first `n % steps` steps of a block take one token more) or, with `threshold`,
+every proposal whose confidence reaches it and at least one (Fast-dLLM parallel decoding).
+Committed tokens are never re-masked.
+
+The model enters only as `logits_fn(input_ids, attention_mask) -> logits`, so the core
+(transformers) and the vLLM engine run the same decoding code.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DiffusionSamplingConfig",
+    "DiffusionOutput",
+    "TrajectoryStep",
+    "LogitsFn",
+    "diffusion_generate",
+    "num_transfer_tokens",
+    "add_gumbel_noise",
+    "propose_tokens",
+    "select_transfer",
+    "hf_logits_fn",
+]
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class DiffusionSamplingConfig:
+    """Decoding settings, with LLaDA's names.
+
+    Args:
+        gen_length: tokens to generate (> 0).
+        steps: denoising steps in total, a multiple of the number of blocks.
+        block_length: tokens per semi-autoregressive block; must divide `gen_length`.
+            `None` means one block (`gen_length`).
+        temperature: 0 for argmax; > 0 samples with float64 Gumbel-max.
+        remasking: `low_confidence` commits the most probable proposals, `random` random ones.
+        cfg_scale: classifier-free guidance scale (0 = off); the unconditional pass masks the prompt.
+        threshold: confidence in (0, 1] for parallel decoding; the step count then adapts
+            (at most `block_length` per block) and `steps` only bounds nothing.
+        seed: seed of the generator for sampling and random remasking.
+    """
+
+    gen_length: int
+    steps: int | None = None
+    block_length: int | None = None
+    temperature: float = 0.0
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    cfg_scale: float = 0.0
+    threshold: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gen_length, int) or self.gen_length <= 0:
+            raise ValueError(f"gen_length must be a positive integer, got {self.gen_length!r}")
+        if self.block_length is None:
+            self.block_length = self.gen_length
+        if self.steps is None:
+            self.steps = self.gen_length
+        if self.block_length <= 0:
+            raise ValueError(f"block_length must be a positive integer, got {self.block_length!r}")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"block_length={self.block_length} does not divide gen_length={self.gen_length}"
+            )
+        if self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps={self.steps} is not divisible by the number of blocks "
+                f"{self.num_blocks} (gen_length {self.gen_length} / block_length {self.block_length})"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+@dataclass
+class TrajectoryStep:
+    """One denoising step, as given to a trajectory hook.
+
+    `canvas` is the full [batch, seq] canvas *after* the step's commits; `committed` marks
+    the positions filled in this step; `mask_ratio` [batch] is the fraction of generation
+    positions still masked *before* the step (the time the model saw).
+    """
+
+    step: int
+    block: int
+    input_ids: torch.Tensor
+    canvas: torch.Tensor
+    committed: torch.Tensor
+    mask_ratio: torch.Tensor
+
+
+@dataclass
+class DiffusionOutput:
+    """`sequences` [batch, prompt_len + gen_length] (prompts left-padded), `generated` [batch, gen_length],
+    `steps` the number of denoising steps (model calls without CFG) that were run."""
+
+    sequences: torch.Tensor
+    generated: torch.Tensor
+    steps: int
+    steps_per_block: list[int] = field(default_factory=list)
+
+
+def num_transfer_tokens(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
+    """Commit schedule of one block: [batch, steps] counts summing to each row's masked count,
+    spread evenly with the first `n % steps` steps taking one more."""
+    count = masked_in_block.sum(dim=1, keepdim=True)
+    base, remainder = count // steps, count % steps
+    schedule = base.expand(-1, steps).clone()
+    schedule += (torch.arange(steps, device=count.device)[None] < remainder).long()
+    return schedule
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Scores whose argmax is a sample at `temperature` (float64 Gumbel-max, as in LLaDA)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def propose_tokens(
+    logits: torch.Tensor,
+    config: DiffusionSamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposed token and its confidence for every position: ([batch, seq] ids, [batch, seq] float64)."""
+    proposal = add_gumbel_noise(logits, config.temperature, generator).argmax(dim=-1)
+    if config.remasking == "low_confidence":
+        probs = torch.softmax(logits.to(torch.float64), dim=-1)
+        confidence = torch.gather(probs, -1, proposal[..., None]).squeeze(-1)
+    else:
+        confidence = torch.rand(proposal.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return proposal, confidence
+
+
+def select_transfer(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool [batch, seq]: the `counts[b]` most confident positions of each row (ties: lower index first).
+
+    Positions with confidence -inf are never chosen.
+    """
+    order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < counts[:, None]) & (confidence > float("-inf"))
+
+
+def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
+    """Adapt a transformers LLaDA model to `logits_fn(input_ids, attention_mask)`."""
+
+    def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return logits_fn
+
+
+def _guided_logits(
+    logits_fn: LogitsFn,
+    canvas: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_positions: torch.Tensor,
+    mask_token_id: int,
+    cfg_scale: float,
+) -> torch.Tensor:
+    if cfg_scale == 0:
+        return logits_fn(canvas, attention_mask)
+    unconditional = canvas.masked_fill(prompt_positions, mask_token_id)
+    both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    logits, uncond_logits = logits_fn(torch.cat([canvas, unconditional]), both_mask).chunk(2)
+    return uncond_logits + (cfg_scale + 1) * (logits - uncond_logits)
+
+
+@torch.no_grad()
+def diffusion_generate(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    config: DiffusionSamplingConfig,
+    attention_mask: torch.Tensor | None = None,
+    trajectory_hook: Callable[[TrajectoryStep], None] | None = None,
+) -> DiffusionOutput:
+    """Decode `gen_length` tokens after each (left-padded) prompt.
+
+    Args:
+        logits_fn: `(input_ids [b, s], attention_mask [b, s] | None) -> logits [b, s, vocab]`.
+        input_ids: [batch, prompt_len] prompts, left-padded.
+        attention_mask: [batch, prompt_len], 1 for prompt tokens, 0 for padding; None = no padding.
+        trajectory_hook: called after every step with a `TrajectoryStep`.
+    """
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    canvas = torch.full((batch, prompt_len + config.gen_length), mask_token_id, dtype=torch.long, device=device)
+    canvas[:, :prompt_len] = input_ids
+    canvas_mask = None
+    prompt_positions = torch.zeros_like(canvas, dtype=torch.bool)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        canvas_mask = torch.cat([attention_mask.long(), torch.ones_like(canvas[:, prompt_len:])], dim=1)
+        prompt_positions[:, :prompt_len] = attention_mask.bool()
+    else:
+        prompt_positions[:, :prompt_len] = True
+
+    total_steps, steps_per_block = 0, []
+    for block in range(config.num_blocks):
+        start = prompt_len + block * config.block_length
+        end = start + config.block_length
+        schedule = num_transfer_tokens(canvas[:, start:end] == mask_token_id, config.steps_per_block)
+        block_steps = 0
+        while bool((canvas[:, start:end] == mask_token_id).any()):
+            if config.threshold is None and block_steps >= config.steps_per_block:
+                break  # schedule exhausted (only reachable if the caller altered the canvas)
+            masked = canvas == mask_token_id
+            mask_ratio = masked[:, prompt_len:].double().mean(dim=1)
+            logits = _guided_logits(
+                logits_fn, canvas, canvas_mask, prompt_positions, mask_token_id, config.cfg_scale
+            )
+            proposal, confidence = propose_tokens(logits, config, generator)
+            confidence[:, end:] = float("-inf")
+            proposal = torch.where(masked, proposal, canvas)
+            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+            if config.threshold is None:
+                transfer = select_transfer(confidence, schedule[:, block_steps])
+            else:
+                # Fast-dLLM: the best proposal always, plus every other one above the threshold.
+                transfer = select_transfer(confidence, torch.ones(batch, dtype=torch.long, device=device))
+                transfer |= confidence >= config.threshold
+            step_input = canvas.clone() if trajectory_hook is not None else None
+            canvas = torch.where(transfer, proposal, canvas)
+            if trajectory_hook is not None:
+                trajectory_hook(
+                    TrajectoryStep(total_steps, block, step_input, canvas.clone(), transfer, mask_ratio)
+                )
+            block_steps += 1
+            total_steps += 1
+        steps_per_block.append(block_steps)
+    return DiffusionOutput(canvas, canvas[:, prompt_len:], total_steps, steps_per_block)

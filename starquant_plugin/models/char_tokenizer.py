@@ -1,0 +1,38 @@
+"""Character-level tokenizers in the hub format (`tokenizer.json`), for small shipped and test models."""
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+__all__ = ["build_char_tokenizer"]
+
+
+def build_char_tokenizer(
+    characters: str, vocab_size: int, bos: tuple[str, int], eos: tuple[str, int], mask: tuple[str, int]
+) -> PreTrainedTokenizerFast:
+    """One token per character (ids in order), special tokens at the given ids, unused ids reserved.
+
+    Encoding prepends BOS, as LLaDA's tokenizer does; EOS doubles as padding; padding is left.
+    """
+    vocab = {c: i for i, c in enumerate(characters)}
+    specials = dict([bos, eos, mask])
+    taken = set(vocab.values()) | set(specials.values())
+    if len(taken) != len(vocab) + len(specials) or max(taken) >= vocab_size:
+        raise ValueError(f"characters and special ids must be distinct ids below vocab_size={vocab_size}")
+    vocab.update(specials)
+    vocab.update({f"<|reserved_{i}|>": i for i in range(vocab_size) if i not in taken})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos]
+    )
+    tokenizer.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos[0],
+        eos_token=eos[0],
+        pad_token=eos[0],
+        mask_token=mask[0],
+        padding_side="left",
+        model_max_length=4096,
+    )

@@ -1,0 +1,274 @@
+"""LLaDA for transformers 5: a bidirectional Llama-style masked-diffusion LM.
+
+Module names mirror the published checkpoints exactly
+(`model.transformer.blocks.{i}.q_proj`, ..., `model.transformer.ff_out` as the LM head), so
+hub checkpoints load without renaming and llm-compressor targets/ignores read the same as
+on the hub. Attention is fully bidirectional; a 2D padding `attention_mask` hides padded keys.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_llada import LLaDAConfig
+
+__all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDALlamaBlock", "LLaDARMSNorm"]
+
+
+class LLaDARMSNorm(nn.Module):
+    """RMSNorm computed in float32, then scaled by `weight` in the input dtype (as in LLaDA)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        return self.weight * hidden_states
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [batch, seq, head_dim] in float32 (LLaDA's `rope_full_precision`)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [batch, heads, seq, head_dim] in float32 and return it in its own dtype."""
+    x32 = x.to(torch.float32)
+    cos, sin = cos[:, None], sin[:, None]
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * n_rep, seq, dim] for GQA."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq, dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class LLaDALlamaBlock(nn.Module):
+    """One LLaDA block: pre-norm bidirectional attention, then a pre-norm SwiGLU MLP.
+
+    `ff_proj` is the gate, `up_proj` the up and `ff_out` the down projection (hub names).
+    """
+
+    def __init__(self, config: LLaDAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.d_model // config.n_heads
+        self.num_key_value_groups = config.n_heads // config.n_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by transformers' sdpa/flash attention functions
+        qkv_bias = config.include_qkv_bias
+        self.attn_norm = LLaDARMSNorm(config.d_model, config.rms_norm_eps)
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.ff_norm = LLaDARMSNorm(config.d_model, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        normed = self.attn_norm(hidden_states)
+        query = self.q_proj(normed).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(normed).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(normed).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        hidden_states = hidden_states + self.attn_out(attn_output.reshape(batch, seq, -1))
+
+        normed = self.ff_norm(hidden_states)
+        mlp = F.silu(self.ff_proj(normed)) * self.up_proj(normed)
+        return hidden_states + self.ff_out(mlp)
+
+
+class LLaDAPreTrainedModel(PreTrainedModel):
+    config_class = LLaDAConfig
+    config: LLaDAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDALlamaBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = True
+
+
+def padding_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2D padding mask [batch, seq] (1 = token) -> additive bias [batch, 1, 1, seq] hiding pad keys."""
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only real tokens, so a left-padded row sees the same positions unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LLaDAModel(nn.Module):
+    """Embedding, blocks, final norm and LM head under the hub name `transformer`."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        modules = {
+            "wte": nn.Embedding(config.embedding_size, config.d_model),
+            "blocks": nn.ModuleList(LLaDALlamaBlock(config, i) for i in range(config.n_layers)),
+            "ln_f": LLaDARMSNorm(config.d_model, config.rms_norm_eps),
+        }
+        if not config.weight_tying:
+            modules["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
+        self.transformer = nn.ModuleDict(modules)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns (logits [batch, seq, embedding_size], hidden states per block input + final, or None)."""
+        transformer = self.transformer
+        if inputs_embeds is None:
+            inputs_embeds = transformer.wte(input_ids)
+        hidden_states = inputs_embeds
+        if self.config.input_emb_norm:
+            hidden_states = hidden_states * self.config.d_model**0.5
+        batch, seq = hidden_states.shape[:2]
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_attention_mask(attention_mask)
+            else:
+                position_ids = torch.arange(seq, device=hidden_states.device)[None].expand(batch, seq)
+        bias = padding_attention_bias(attention_mask, hidden_states.dtype) if attention_mask is not None else None
+        position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+
+        all_hidden_states = [] if output_hidden_states else None
+        for block in transformer.blocks:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = block(hidden_states, bias, position_embeddings)
+        hidden_states = transformer.ln_f(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+
+        if self.config.weight_tying:
+            logits = F.linear(hidden_states, transformer.wte.weight)
+        else:
+            logits = transformer.ff_out(hidden_states)
+        if self.config.scale_logits:
+            logits = logits * (1.0 / self.config.d_model**0.5)
+        return logits, tuple(all_hidden_states) if all_hidden_states is not None else None
+
+
+class LLaDAModelLM(LLaDAPreTrainedModel):
+    """LLaDA with its LM head: `forward(input_ids)` returns logits for every position.
+
+    Logits at position i predict the token at position i (no shift): a masked position is
+    filled from its own logits.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        if config.weight_tying:
+            self._tied_weights_keys = {"model.transformer.ff_out.weight": "model.transformer.wte.weight"}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None if self.config.weight_tying else self.model.transformer.ff_out
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.transformer.ff_out = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids [batch, seq] -> logits [batch, seq, embedding_size].
+
+        `attention_mask` [batch, seq] marks real tokens (1) and padding (0); with it and no
+        `position_ids`, positions count real tokens only.
+        """
+        logits, all_hidden_states = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, bool(output_hidden_states)
+        )
+        return CausalLMOutputWithPast(logits=logits, hidden_states=all_hidden_states)

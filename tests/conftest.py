@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny LLaDA-format checkpoints written in the hub layout."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+DATA = Path(__file__).parent / "data"
+
+
+def reference_config() -> dict:
+    """LLaDA-8B-Instruct's public config.json (auto_map included)."""
+    return json.loads((DATA / "llada-8b-config.json").read_text())
+
+
+def tiny_config(**overrides) -> dict:
+    """The public config with small dimensions and non-default special ids."""
+    config = reference_config()
+    config.update(
+        d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=96, vocab_size=50,
+        embedding_size=64, mask_token_id=49, eos_token_id=47, pad_token_id=47, max_sequence_length=256,
+        rope_theta=10000.0,
+    )
+    config.update(overrides)
+    return config
+
+
+def random_hub_tensors(config: dict, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights under LLaDA's hub tensor names (written independently of the model code)."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, kv = config["d_model"], config["n_heads"], config["n_kv_heads"]
+    head_dim, mlp, vocab = d // h, config["mlp_hidden_size"], config["embedding_size"]
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(dtype)
+
+    tensors = {"model.transformer.wte.weight": w(vocab, d), "model.transformer.ln_f.weight": 1 + w(d)}
+    if not config.get("weight_tying"):
+        tensors["model.transformer.ff_out.weight"] = w(vocab, d)
+    for i in range(config["n_layers"]):
+        p = f"model.transformer.blocks.{i}."
+        tensors.update({
+            p + "attn_norm.weight": 1 + w(d), p + "ff_norm.weight": 1 + w(d),
+            p + "q_proj.weight": w(h * head_dim, d), p + "k_proj.weight": w(kv * head_dim, d),
+            p + "v_proj.weight": w(kv * head_dim, d), p + "attn_out.weight": w(d, h * head_dim),
+            p + "ff_proj.weight": w(mlp, d), p + "up_proj.weight": w(mlp, d), p + "ff_out.weight": w(d, mlp),
+        })
+    return tensors
+
+
+TINY_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 +-="
+
+
+def tiny_tokenizer(config: dict):
+    """Character tokenizer whose special ids are the config's (BOS just below EOS)."""
+    from starquant_plugin.models.char_tokenizer import build_char_tokenizer
+
+    eos, mask = config["eos_token_id"], config["mask_token_id"]
+    return build_char_tokenizer(
+        TINY_CHARACTERS, config["vocab_size"], ("<|startoftext|>", eos - 1), ("<|endoftext|>", eos), ("<|mdm_mask|>", mask)
+    )
+
+
+def write_hub_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """config.json + model.safetensors (or N shards with an index) + tokenizer files, as on the hub."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizer(config).save_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, directory / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> tuple[Path, dict, dict]:
+    config = tiny_config()
+    tensors = random_hub_tensors(config)
+    return write_hub_checkpoint(tmp_path / "tiny-llada", config, tensors), config, tensors

@@ -1,0 +1,185 @@
+"""Diffusion sampler semantics: schedule, blocks, remasking, temperature, threshold, CFG, batching."""
+
+import pytest
+import torch
+
+from starquant_plugin.diffusion import (
+    DiffusionSamplingConfig,
+    TrajectoryStep,
+    diffusion_generate,
+    hf_logits_fn,
+    num_transfer_tokens,
+)
+
+VOCAB, MASK = 20, 19
+
+
+def content_logits(input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """A deterministic stand-in model whose logits depend on the whole canvas (no ties)."""
+    batch, seq = input_ids.shape
+    context = (input_ids.double() * torch.arange(1, seq + 1, dtype=torch.double)).sum(1)
+    pos = torch.arange(seq, dtype=torch.double)[None, :, None]
+    vocab = torch.arange(VOCAB, dtype=torch.double)[None, None, :]
+    logits = 3 * torch.sin(0.7 * pos * (vocab + 1) + 0.013 * context[:, None, None] + 0.31 * vocab)
+    logits[..., MASK] = -1e9  # never propose the mask token
+    return logits.float()
+
+
+def llada_reference_generate(prompt: torch.Tensor, steps: int, gen_length: int, block_length: int) -> torch.Tensor:
+    """LLaDA's published `generate` (temperature 0, low_confidence), re-written row by row."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), MASK, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    blocks = gen_length // block_length
+    for b in range(blocks):
+        start = prompt.shape[1] + b * block_length
+        end = start + block_length
+        count = int((x[0, start:end] == MASK).sum())
+        per_step = [count // (steps // blocks) + (1 if i < count % (steps // blocks) else 0) for i in range(steps // blocks)]
+        for i in range(steps // blocks):
+            mask_index = x == MASK
+            logits = content_logits(x)
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
+            p[:, end:] = -float("inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, p, torch.tensor(-float("inf"), dtype=torch.double))
+            for row in range(x.shape[0]):
+                _, chosen = torch.topk(confidence[row], k=per_step[i])
+                x[row, chosen] = x0[row, chosen]
+    return x
+
+
+def test_num_transfer_tokens_spreads_evenly_first_steps_larger():
+    masked = torch.ones(2, 10, dtype=torch.bool)
+    masked[1, 7:] = False
+    schedule = num_transfer_tokens(masked, 4)
+    assert schedule.tolist() == [[3, 3, 2, 2], [2, 2, 2, 1]]
+
+
+@pytest.mark.parametrize("steps, gen_length, block_length", [(8, 8, 8), (4, 8, 8), (8, 8, 4), (6, 12, 4)])
+def test_matches_llada_reference(steps, gen_length, block_length):
+    prompt = torch.randint(0, MASK, (3, 5), generator=torch.Generator().manual_seed(0))
+    config = DiffusionSamplingConfig(gen_length=gen_length, steps=steps, block_length=block_length)
+    output = diffusion_generate(content_logits, prompt, MASK, config)
+    expected = llada_reference_generate(prompt, steps, gen_length, block_length)
+    assert torch.equal(output.sequences, expected)
+    assert output.steps == steps and not (output.generated == MASK).any()
+
+
+
+
+def test_commit_schedule_blocks_and_hook():
+    prompt = torch.randint(0, MASK, (2, 4), generator=torch.Generator().manual_seed(1))
+    config = DiffusionSamplingConfig(gen_length=12, steps=9, block_length=4)  # 3 blocks x 3 steps: 2, 1, 1
+    recorded: list[TrajectoryStep] = []
+    output = diffusion_generate(content_logits, prompt, MASK, config, trajectory_hook=recorded.append)
+    assert len(recorded) == 9 and output.steps_per_block == [3, 3, 3]
+    for step in recorded:
+        counts = step.committed.sum(1).tolist()
+        assert counts == [[2, 1, 1][step.step % 3]] * 2
+        block_start = 4 + 4 * step.block
+        committed_cols = step.committed.nonzero()[:, 1]
+        assert ((committed_cols >= block_start) & (committed_cols < block_start + 4)).all()
+        assert torch.equal(step.canvas != MASK, (step.input_ids != MASK) | step.committed)
+        # Nothing committed is ever re-masked.
+        assert ((step.input_ids != MASK) <= (step.canvas != MASK)).all()
+    assert recorded[0].mask_ratio.tolist() == [1.0, 1.0]
+    assert torch.equal(recorded[-1].canvas, output.sequences)
+
+
+def test_deterministic_and_seeded_sampling():
+    prompt = torch.randint(0, MASK, (4, 3), generator=torch.Generator().manual_seed(2))
+    greedy = DiffusionSamplingConfig(gen_length=8, steps=8)
+    assert torch.equal(
+        diffusion_generate(content_logits, prompt, MASK, greedy).sequences,
+        diffusion_generate(content_logits, prompt, MASK, greedy).sequences,
+    )
+    outputs = {}
+    for seed in (0, 0, 1):
+        config = DiffusionSamplingConfig(gen_length=8, steps=8, temperature=1.0, seed=seed)
+        outputs.setdefault(seed, []).append(diffusion_generate(content_logits, prompt, MASK, config).generated)
+    assert torch.equal(outputs[0][0], outputs[0][1])
+    assert not torch.equal(outputs[0][0], outputs[1][0])
+    assert not torch.equal(outputs[0][0], diffusion_generate(content_logits, prompt, MASK, greedy).generated)
+
+
+def test_random_remasking_changes_order_not_counts():
+    prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(3))
+    recorded = []
+    config = DiffusionSamplingConfig(gen_length=8, steps=4, remasking="random", seed=5)
+    diffusion_generate(content_logits, prompt, MASK, config, trajectory_hook=recorded.append)
+    assert [s.committed.sum(1).tolist() for s in recorded] == [[2, 2]] * 4
+    low = []
+    diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(gen_length=8, steps=4), trajectory_hook=low.append)
+    assert any(not torch.equal(a.committed, b.committed) for a, b in zip(recorded, low))
+
+
+def test_threshold_commits_all_confident_and_at_least_one():
+    prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(4))
+
+    def peaked(input_ids, attention_mask=None):
+        logits = content_logits(input_ids)
+        logits[:, :, 3] += 12.0 * (torch.arange(input_ids.shape[1]) % 2 == 0)  # confident on even positions
+        return logits
+
+    recorded = []
+    config = DiffusionSamplingConfig(gen_length=8, steps=8, threshold=0.9)
+    output = diffusion_generate(peaked, prompt, MASK, config, trajectory_hook=recorded.append)
+    assert output.steps < 8 and not (output.generated == MASK).any()
+    for step in recorded:
+        probs = torch.softmax(peaked(step.input_ids).double(), -1).max(-1).values
+        confident = (probs >= 0.9) & (step.input_ids == MASK)
+        assert (confident <= step.committed).all()
+        still_masked = (step.input_ids[:, 3:] == MASK).any(1)
+        assert (step.committed.sum(1)[still_masked] >= 1).all()
+
+
+def test_classifier_free_guidance_masks_the_prompt_in_the_unconditional_pass():
+    prompt = torch.tensor([[1, 2, 3]])
+    seen = []
+
+    def spy(input_ids, attention_mask=None):
+        seen.append(input_ids.clone())
+        return content_logits(input_ids)
+
+    config = DiffusionSamplingConfig(gen_length=4, steps=2, cfg_scale=1.5)
+    diffusion_generate(spy, prompt, MASK, config)
+    assert len(seen) == 2 and seen[0].shape[0] == 2
+    assert (seen[0][1, :3] == MASK).all() and torch.equal(seen[0][0, :3], prompt[0])
+    plain = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(gen_length=4, steps=2))
+    guided = diffusion_generate(content_logits, prompt, MASK, config)
+    assert plain.sequences.shape == guided.sequences.shape
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gen_length": 0}, "gen_length must be a positive integer, got 0"),
+        ({"gen_length": 8, "block_length": 3}, "block_length=3 does not divide gen_length=8"),
+        ({"gen_length": 8, "block_length": 4, "steps": 3}, "steps=3 is not divisible by the number of blocks 2"),
+        ({"gen_length": 8, "remasking": "lowest"}, "remasking must be"),
+        ({"gen_length": 8, "threshold": 1.5}, "threshold must be in"),
+        ({"gen_length": 8, "temperature": -1.0}, "temperature must be >= 0"),
+    ],
+)
+def test_bad_settings_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionSamplingConfig(**kwargs)
+
+
+def test_batched_left_padded_prompts_equal_one_by_one(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    directory, config, _ = tiny_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    logits_fn = hf_logits_fn(model)
+    mask, pad = config["mask_token_id"], config["pad_token_id"]
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    settings = DiffusionSamplingConfig(gen_length=6, steps=6, block_length=3)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = diffusion_generate(logits_fn, ids, mask, settings, attention_mask=attention)
+    for row, prompt in enumerate(prompts):
+        alone = diffusion_generate(logits_fn, torch.tensor([prompt]), mask, settings)
+        assert torch.equal(batched.generated[row], alone.generated[0])
