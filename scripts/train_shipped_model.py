@@ -1,8 +1,8 @@
 """Train the shipped LLaDA-format model (`starquant_plugin/assets/llada-tiny-arith`).
 
 Deterministic (fixed seeds, one compute thread): the same command gives the same weights.
-The task is 3-digit addition and subtraction in a prompt -> answer format
-(`"<bos>417+385="` -> `"802"`), trained with LLaDA's SFT objective (answer tokens,
+The task is 3-digit addition and subtraction with zero-padded numbers in a prompt -> answer
+format (`"<bos>417+385="` -> `"0802"`, `"417-385="` -> `"032"`), trained with LLaDA's SFT objective (answer tokens,
 including end-of-text padding, masked at a ratio t ~ U(0, 1], loss weighted by 1/t).
 It writes the hub layout (config.json with every LLaDA key, model.safetensors with hub
 tensor names, tokenizer.json + tokenizer_config.json) plus the held-out evaluation set
@@ -44,11 +44,12 @@ def build_tokenizer():
 
 
 def make_example(rng: random.Random) -> dict:
+    """Zero-padded operands and answers: `042+617=` -> `0659`, `617-042=` -> `575`."""
     a, b = rng.randrange(1000), rng.randrange(1000)
     if rng.random() < 0.5:
-        return {"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "add"}
+        return {"prompt": f"{a:03d}+{b:03d}=", "answer": f"{a + b:04d}", "task": "add"}
     a, b = max(a, b), min(a, b)
-    return {"prompt": f"{a}-{b}=", "answer": str(a - b), "task": "sub"}
+    return {"prompt": f"{a:03d}-{b:03d}=", "answer": f"{a - b:03d}", "task": "sub"}
 
 
 def held_out_sets(seed: int) -> tuple[list[dict], list[dict]]:
@@ -107,10 +108,11 @@ def evaluate(model, tokenizer, examples: list[dict], mask_token_id: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="compute threads (1 keeps runs bit-identical)")
     args = parser.parse_args()
 
@@ -150,11 +152,13 @@ def main() -> None:
     started = time.time()
     for step in range(1, args.steps + 1):
         input_ids, attention_mask, maskable = training_batch(rng, tokenizer, excluded, args.batch_size)
-        ratios = torch.rand(args.batch_size, generator=generator, dtype=torch.float64) * (1 - 1e-3) + 1e-3
-        noisy, is_masked = mask_positions(input_ids, maskable, ratios, config.mask_token_id, generator, exact=False)
+        # Exact mask counts l ~ U{1..L} weighted by L / l: LLaDA's objective with lower variance
+        # than Bernoulli masking at rate t weighted by 1 / t (answers here are only a few tokens).
+        ratios = torch.rand(args.batch_size, generator=generator, dtype=torch.float64).clamp(min=1e-6)
+        noisy, is_masked = mask_positions(input_ids, maskable, ratios, config.mask_token_id, generator, exact=True)
         logits = model(input_ids=noisy, attention_mask=attention_mask).logits
         token_loss = F.cross_entropy(logits[is_masked], input_ids[is_masked], reduction="none")
-        weights = (1.0 / ratios.float())[:, None].expand_as(is_masked)[is_masked]
+        weights = (maskable.sum(1) / is_masked.sum(1)).float()[:, None].expand_as(is_masked)[is_masked]
         loss = (token_loss * weights).sum() / maskable.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,7 +167,7 @@ def main() -> None:
         schedule.step()
         if step % 100 == 0:
             print(f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e} {time.time() - started:.0f}s", flush=True)
-        if step % 1000 == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == args.steps:
             print(f"step {step} held-out exact match {evaluate(model, tokenizer, eval_set, config.mask_token_id):.4f}", flush=True)
 
     output = args.output

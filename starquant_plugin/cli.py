@@ -137,7 +137,8 @@ def run_generate(args: argparse.Namespace) -> None:
     model_dir = _resolve_model(args)
     config = read_llada_config(model_dir)
     options = _sampling_options(args)
-    options["gen_length"] = options["gen_length"] or 32
+    if options["gen_length"] is None:
+        options["gen_length"] = 32
     sampling = DiffusionSamplingConfig(**options)
     model, tokenizer = load_llada(model_dir, args.dtype, args.device)
     import torch

@@ -19,14 +19,16 @@ def build_char_tokenizer(
     if len(taken) != len(vocab) + len(specials) or max(taken) >= vocab_size:
         raise ValueError(f"characters and special ids must be distinct ids below vocab_size={vocab_size}")
     vocab.update(specials)
-    vocab.update({f"<|reserved_{i}|>": i for i in range(vocab_size) if i not in taken})
+    reserved = {f"<|reserved_{i}|>": i for i in range(vocab_size) if i not in taken}
+    vocab.update(reserved)
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos]
     )
-    tokenizer.add_special_tokens(list(specials))
+    # Reserved ids are special too, so decoding with skip_special_tokens drops them.
+    tokenizer.add_special_tokens(list(specials) + list(reserved))
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=bos[0],

@@ -1,0 +1,27 @@
+"""Orthonormal (block-)Hadamard rotations."""
+
+import torch
+
+__all__ = ["hadamard_matrix", "block_hadamard"]
+
+
+def hadamard_matrix(size: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Sylvester Hadamard matrix of a power-of-two `size`, scaled to be orthonormal."""
+    if size <= 0 or size & (size - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {size}")
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / size**0.5).to(dtype=dtype, device=device)
+
+
+def block_hadamard(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`x @ blockdiag(H, ..., H)` over the last dimension, H the orthonormal Hadamard of `block_size`.
+
+    The matrix is symmetric and orthogonal, so applying it twice is the identity.
+    """
+    dim = x.shape[-1]
+    if dim % block_size:
+        raise ValueError(f"rotation block size {block_size} does not divide the dimension {dim}")
+    matrix = hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
+    return (x.reshape(*x.shape[:-1], dim // block_size, block_size) @ matrix).reshape(x.shape)

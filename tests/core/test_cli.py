@@ -1,0 +1,131 @@
+"""`starquant eval` / `starquant generate`: JSON shape, defaults, and every bad-input case."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from starquant_plugin.cli import main
+from starquant_plugin.evaluation import load_tasks
+
+
+@pytest.fixture
+def tasks_file(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    rows = [
+        {"prompt": "ab", "answer": "cde", "task": "x"},
+        {"prompt": "abc", "answer": "fg", "task": "y"},
+        {"prompt": "a", "answer": "h"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_writes_the_documented_json(tiny_checkpoint, tasks_file, tmp_path, capsys):
+    directory = tiny_checkpoint[0]
+    out = tmp_path / "result.json"
+    assert main(["eval", str(directory), "--tasks", str(tasks_file), "--json", str(out), "--batch-size", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"exact_match", "n", "per_task", "settings"}
+    assert result["n"] == 3 and set(result["per_task"]) == {"x", "y", "default"}
+    # Defaults: gen_length = longest answer in tokens (3 characters), steps = block_length = gen_length.
+    settings = result["settings"]
+    assert (settings["gen_length"], settings["steps"], settings["block_length"]) == (3, 3, 3)
+    assert settings["remasking"] == "low_confidence" and settings["temperature"] == 0.0
+    printed = capsys.readouterr().out
+    assert "exact_match" in printed and "all" in printed
+
+
+def test_eval_scores_exact_match_of_stripped_continuations(tiny_checkpoint, tmp_path):
+    """Answers set to the model's own greedy output score 1.0; a wrong answer scores 0."""
+    from starquant_plugin.diffusion import DiffusionSamplingConfig
+    from starquant_plugin.evaluation import generate_texts
+    from starquant_plugin.models import load_llada
+
+    directory, config, _ = tiny_checkpoint
+    model, tokenizer = load_llada(directory)
+    prompts = ["abc", "hello", "q"]
+    texts = generate_texts(model, tokenizer, prompts, DiffusionSamplingConfig(gen_length=4), config["mask_token_id"])
+    path = tmp_path / "self.jsonl"
+    rows = [{"prompt": p, "answer": f"  {t.strip()} ", "task": "own"} for p, t in zip(prompts, texts)]
+    rows.append({"prompt": "abc", "answer": texts[0].strip() + "zz", "task": "wrong"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    assert main(["eval", str(directory), "--tasks", str(path), "--json", str(out), "--gen-length", "4"]) == 0
+    result = json.loads(out.read_text())
+    assert result["per_task"] == {"own": 1.0, "wrong": 0.0}
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "answer": "b"}\n{"prompt": "a"\n', "tasks.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "answer": 3}\n', "tasks.jsonl:1: field 'answer' must be a string"),
+        ('["a", "b"]\n', "tasks.jsonl:1: expected a JSON object"),
+        ("\n\n", "no examples"),
+    ],
+)
+def test_malformed_task_file(tiny_checkpoint, tmp_path, capsys, content, message):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(content)
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(path)]) == 2
+    assert message in _error(capsys)
+
+
+def test_missing_task_file(tiny_checkpoint, tmp_path, capsys):
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(tmp_path / "nope.jsonl")]) == 2
+    assert "task file not found" in _error(capsys)
+
+
+def test_model_directory_that_is_not_llada(tmp_path, tasks_file, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["eval", str(tmp_path / "llama"), "--tasks", str(tasks_file)]) == 2
+    assert "model_type is 'llama', expected 'llada'" in _error(capsys)
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "model directory not found" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gen-length", "0"], "gen_length must be a positive integer, got 0"),
+        (["--gen-length", "-3"], "gen_length must be a positive integer, got -3"),
+        (["--gen-length", "6", "--block-length", "4"], "block_length=4 does not divide gen_length=6"),
+        (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "steps=3 is not divisible by the number of blocks 2"),
+        (["--batch-size", "0"], "batch_size must be positive"),
+    ],
+)
+def test_bad_decoding_settings(tiny_checkpoint, tasks_file, capsys, flags, message):
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(tasks_file), *flags]) == 2
+    assert message in _error(capsys)
+    if "batch" not in flags[0]:
+        assert main(["generate", str(tiny_checkpoint[0]), "--prompt", "ab", *flags]) == 2
+        assert message in _error(capsys)
+
+
+def test_model_without_tasks_is_a_usage_error(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint[0])]) == 2
+    assert "--tasks FILE.jsonl is required" in _error(capsys)
+
+
+def test_console_script_generate(tiny_checkpoint):
+    script = Path(sys.executable).with_name("starquant")
+    done = subprocess.run(
+        [str(script), "generate", str(tiny_checkpoint[0]), "--prompt", "abc", "--gen-length", "4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip("\n")) <= 4  # at most 4 characters (specials skipped)
+
+
+def test_load_tasks_keeps_order_and_default_task(tasks_file):
+    examples = load_tasks(tasks_file)
+    assert [e.task for e in examples] == ["x", "y", "default"]
+    assert examples[0].answer == "cde"
