@@ -1,0 +1,5 @@
+"""Calibration data for diffusion LLMs (pure torch + tokenizer)."""
+
+from .calibration import CalibrationRecord, load_calibration_records, masked_calibration_samples
+
+__all__ = ["CalibrationRecord", "load_calibration_records", "masked_calibration_samples"]
