@@ -7,12 +7,12 @@ and late (mostly decoded) denoising steps. llm-compressor takes the result as a 
 `input_ids` / `attention_mask` rows.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .jsonl import read_jsonl_objects
 from ..diffusion.masking import mask_positions, spread_mask_ratios
 
 __all__ = ["CalibrationRecord", "load_calibration_records", "masked_calibration_samples"]
@@ -28,19 +28,8 @@ class CalibrationRecord:
 
 def load_calibration_records(path: str | Path) -> list[CalibrationRecord]:
     """JSON lines of `{"prompt", "answer"}` or `{"text"}`; ValueError names file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"calibration file not found: {path}")
     records = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object")
+    for line_number, row in read_jsonl_objects(path, "calibration"):
         if isinstance(row.get("text"), str):
             records.append(CalibrationRecord(row["text"]))
         elif isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str):

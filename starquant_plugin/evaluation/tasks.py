@@ -1,8 +1,9 @@
 """Task files: JSON lines `{"prompt": str, "answer": str, "task"?: str}`."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..data.jsonl import read_jsonl_objects
 
 __all__ = ["TaskExample", "exact_match", "load_tasks"]
 
@@ -23,27 +24,15 @@ def exact_match(generated: str, answer: str) -> bool:
 
 def load_tasks(path: str | Path) -> list[TaskExample]:
     """Read a task file; a ValueError names the file and line of the first bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"task file not found: {path}")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "answer"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{path}:{line_number}: field {key!r} must be a string, got {record.get(key)!r}")
-            task = record.get("task", DEFAULT_TASK)
-            if not isinstance(task, str):
-                raise ValueError(f"{path}:{line_number}: field 'task' must be a string, got {task!r}")
-            examples.append(TaskExample(record["prompt"], record["answer"], task))
+    for line_number, record in read_jsonl_objects(path, "task"):
+        for key in ("prompt", "answer"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{path}:{line_number}: field {key!r} must be a string, got {record.get(key)!r}")
+        task = record.get("task", DEFAULT_TASK)
+        if not isinstance(task, str):
+            raise ValueError(f"{path}:{line_number}: field 'task' must be a string, got {task!r}")
+        examples.append(TaskExample(record["prompt"], record["answer"], task))
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
