@@ -100,7 +100,7 @@ def _print_table(result, model_dir: Path) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from .assets import SHIPPED_EVAL_SET
     from .evaluation import default_sampling, evaluate_examples, load_tasks
-    from .models import load_llada, read_llada_config
+    from .models import load_llada
 
     model_dir = _resolve_model(args)
     tasks_path = args.tasks if args.tasks is not None else (SHIPPED_EVAL_SET if args.model is None else None)
@@ -109,7 +109,6 @@ def run_eval(args: argparse.Namespace) -> None:
     examples = load_tasks(tasks_path)
     if args.limit:
         examples = examples[: args.limit]
-    config = read_llada_config(model_dir)
     model, tokenizer = load_llada(model_dir, args.dtype, args.device)
     sampling = default_sampling(tokenizer, examples, **_sampling_options(args))
     logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path}")
@@ -118,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> None:
         tokenizer,
         examples,
         sampling,
-        config["mask_token_id"],
+        model.config.mask_token_id,
         batch_size=args.batch_size,
         extra_settings={"model": str(model_dir), "tasks": str(tasks_path), "backend": "core", "dtype": args.dtype},
     )
@@ -132,19 +131,15 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from .diffusion import DiffusionSamplingConfig
     from .evaluation import generate_texts
-    from .models import load_llada, read_llada_config
+    from .models import load_llada
 
     model_dir = _resolve_model(args)
-    config = read_llada_config(model_dir)
     options = _sampling_options(args)
     if options["gen_length"] is None:
         options["gen_length"] = 32
     sampling = DiffusionSamplingConfig(**options)
     model, tokenizer = load_llada(model_dir, args.dtype, args.device)
-    import torch
-
-    with torch.inference_mode():
-        (text,) = generate_texts(model, tokenizer, [args.prompt], sampling, config["mask_token_id"])
+    (text,) = generate_texts(model, tokenizer, [args.prompt], sampling, model.config.mask_token_id)
     print(text)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .jsonl import read_jsonl_objects
 from ..diffusion.masking import mask_positions, spread_mask_ratios
+from .jsonl import read_jsonl_objects
 
 __all__ = ["CalibrationRecord", "load_calibration_records", "masked_calibration_samples"]
 

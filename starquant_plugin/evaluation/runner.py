@@ -3,9 +3,7 @@
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import DiffusionSamplingConfig, diffusion_generate, hf_logits_fn
@@ -47,6 +45,8 @@ def generate_texts(
 ) -> list[str]:
     """Decode one batch of prompts; returns the continuations with special tokens skipped."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    if batch["input_ids"].shape[1] == 0:
+        raise ValueError("empty prompt: the tokenizer produced no tokens")
     device = next(model.parameters()).device
     output = diffusion_generate(
         hf_logits_fn(model),
@@ -76,8 +76,7 @@ def evaluate_examples(
     with tqdm(total=len(examples), desc="decoding", unit="ex", disable=not progress) as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            with torch.inference_mode():
-                texts = generate_texts(model, tokenizer, [e.prompt for e in chunk], sampling, mask_token_id)
+            texts = generate_texts(model, tokenizer, [e.prompt for e in chunk], sampling, mask_token_id)
             predictions.extend(texts)
             correct += sum(exact_match(t, e.answer) for t, e in zip(texts, chunk))
             bar.update(len(chunk))
@@ -86,7 +85,7 @@ def evaluate_examples(
     for prediction, example in zip(predictions, examples):
         by_task[example.task].append(exact_match(prediction, example.answer))
     settings = {
-        **{k: v for k, v in asdict(sampling).items()},
+        **asdict(sampling),
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - started, 3),
         **(extra_settings or {}),

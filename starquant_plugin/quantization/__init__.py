@@ -3,7 +3,7 @@ both adapters call)."""
 
 from .hadamard import block_hadamard, hadamard_matrix
 from .quantizers import fake_quantize_per_token, fake_quantize_weight
-from .sgat import SGATSite, build_sgat_site, sgat_linear, sgat_transform_input, sgat_transform_weight, search_state_clip
+from .sgat import SGATSite, build_sgat_site, search_state_clip, sgat_linear, sgat_transform_input, sgat_transform_weight
 from .tac import TACMap, apply_tac, fit_tac
 
 __all__ = [

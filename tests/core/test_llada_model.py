@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401  (registers LLaDA with the Auto classes)
 from starquant_plugin import LLaDAConfig, LLaDAModelLM
-from starquant_plugin.models import load_llada, read_llada_config
+from starquant_plugin.models import read_llada_config
 from tests.conftest import random_hub_tensors, reference_config, tiny_config, write_hub_checkpoint
 
 
