@@ -25,3 +25,13 @@ def block_hadamard(x: torch.Tensor, block_size: int) -> torch.Tensor:
         raise ValueError(f"rotation block size {block_size} does not divide the dimension {dim}")
     matrix = hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
     return (x.reshape(*x.shape[:-1], dim // block_size, block_size) @ matrix).reshape(x.shape)
+
+
+def rotation_block_for(dim: int, requested: int) -> int:
+    """The largest power of two that divides `dim` and does not exceed `requested` (0 = no rotation)."""
+    if requested <= 0:
+        return 0
+    block = 1
+    while block * 2 <= requested and dim % (block * 2) == 0:
+        block *= 2
+    return block if block > 1 else 0

@@ -22,7 +22,7 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int, clip: torch.Tensor | flo
     """
     qmax = integer_range(bits)
     scale = (x.abs().amax(dim=-1, keepdim=True) * clip).clamp(min=1e-8) / qmax
-    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
+    return (x / scale).round().clamp(-qmax, qmax) * scale  # symmetric: codes in [-qmax, qmax]
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ...diffusion.masking import token_states as token_states_from_ids
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDALlamaBlock", "LLaDARMSNorm"]
@@ -116,8 +117,10 @@ class LLaDALlamaBlock(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        **kwargs,
+        token_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`token_states` [batch, seq] (1 = masked) is unused by the full-precision maths; it is
+        routed here so quantization hooks on the block (SGAT, TAC) see every token's state."""
         batch, seq, _ = hidden_states.shape
         normed = self.attn_norm(hidden_states)
         query = self.q_proj(normed).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -206,12 +209,13 @@ class LLaDAModel(nn.Module):
                 position_ids = torch.arange(seq, device=hidden_states.device)[None].expand(batch, seq)
         bias = padding_attention_bias(attention_mask, hidden_states.dtype) if attention_mask is not None else None
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        token_states = token_states_from_ids(input_ids, self.config.mask_token_id) if input_ids is not None else None
 
         all_hidden_states = [] if output_hidden_states else None
         for block in transformer.blocks:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = block(hidden_states, bias, position_embeddings)
+            hidden_states = block(hidden_states, bias, position_embeddings, token_states)
         hidden_states = transformer.ln_f(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
