@@ -1,0 +1,3 @@
+from .base import SGATModifier
+
+__all__ = ["SGATModifier"]
