@@ -3,8 +3,9 @@
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from .sgat import SGATModifier
+from .tac import TACModifier
 
-__all__ = ["SGATModifier"]
+__all__ = ["SGATModifier", "TACModifier"]
 
-for _modifier in (SGATModifier,):
+for _modifier in (SGATModifier, TACModifier):
     ModifierFactory.register(_modifier.__name__, _modifier)

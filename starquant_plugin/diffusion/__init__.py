@@ -5,6 +5,7 @@ from .masking import MASKED, UNMASKED, mask_positions, masked_state, spread_mask
 from .sampler import (
     DiffusionOutput,
     DiffusionSamplingConfig,
+    LogitsFn,
     TrajectoryStep,
     diffusion_generate,
     hf_logits_fn,
@@ -16,6 +17,7 @@ __all__ = [
     "UNMASKED",
     "DiffusionOutput",
     "DiffusionSamplingConfig",
+    "LogitsFn",
     "TrajectoryStep",
     "diffusion_generate",
     "hf_logits_fn",

@@ -47,16 +47,18 @@ def apply_sgat_site(modules: SGATSiteModules, site: SGATSite, write: ParameterWr
     function in full precision and the SGAT-quantized one when quantizers are on."""
     smoothing = site.smoothing
     producer = modules.fold_into
-    if producer is None:
-        for linear in modules.linears:
+    for linear in modules.linears:
+        if producer is None:
             _set_buffer(linear, "sgat_smoothing", smoothing.to(linear.weight.dtype).clone())
-    elif isinstance(producer, nn.Linear):
+        else:
+            linear._sgat_folded_smoothing = smoothing.clone()  # in memory only: TAC fits in this space
+    if isinstance(producer, nn.Linear):
         write(producer, "weight", producer.weight * smoothing.to(producer.weight.dtype)[:, None])
         if producer.bias is not None:
             write(producer, "bias", producer.bias * smoothing.to(producer.bias.dtype))
         if hasattr(producer, "sgat_compensation"):
             _set_buffer(producer, "sgat_compensation", producer.sgat_compensation * smoothing.to(producer.sgat_compensation.dtype))
-    else:
+    elif producer is not None:
         write(producer, "weight", producer.weight * smoothing.to(producer.weight.dtype))
     for linear in modules.linears:
         weight = linear.weight.float()

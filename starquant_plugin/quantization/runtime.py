@@ -49,10 +49,28 @@ class TokenStateTracker:
 def activation_bits(module: nn.Module) -> int | None:
     """Bits of the per-state clipped activation quantizer the hook applies (None = off).
 
-    Set by the STaR-Quant loader (`starquant_activation_bits`); compressed-tensors' own
-    per-token quantizer, when active, runs after this hook on the transformed input.
+    Set by the STaR-Quant loader (`starquant_activation_bits`). Inside llm-compressor the
+    hook instead saturates at the per-state clip and compressed-tensors' own per-token
+    quantizer, which runs after it, quantizes.
     """
     return getattr(module, "starquant_activation_bits", None)
+
+
+def compressed_tensors_quantizes_input(module: nn.Module) -> bool:
+    """True when compressed-tensors' wrapped forward will quantize this linear's input."""
+    scheme = getattr(module, "quantization_scheme", None)
+    return (
+        scheme is not None
+        and scheme.input_activations is not None
+        and getattr(module, "quantization_status", None) is not None
+        and getattr(module, "quantization_enabled", True)
+    )
+
+
+def clip_per_token(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """Saturate each row at `clip` times its absmax, so a downstream absmax quantizer applies the clip."""
+    limit = x.abs().amax(dim=-1, keepdim=True) * clip
+    return torch.maximum(torch.minimum(x, limit), -limit)
 
 
 def has_sgat(module: nn.Module) -> bool:
@@ -85,9 +103,12 @@ def _input_hook(tracker: TokenStateTracker):
             if smoothing is not None:
                 x = x * smoothing.to(x.dtype)
             x = sgat_transform_input(x, states, sgat_site_of(module))
+            clip = module.sgat_clip.to(x.dtype)[states][..., None]
             bits = activation_bits(module)
             if bits is not None:
-                x = fake_quantize_per_token(x, bits, module.sgat_clip.to(x.dtype)[states][..., None])
+                x = fake_quantize_per_token(x, bits, clip)
+            elif compressed_tensors_quantizes_input(module):
+                x = clip_per_token(x, clip)  # its per-token quantizer follows; the clip rides along
         return (x, *args[1:])
 
     return hook

@@ -85,3 +85,41 @@ def test_sgat_then_gptq_w8a8(tiny_setup, tmp_path):
         quantized = model(probe).logits
     error = ((quantized - reference).abs().mean() / reference.abs().mean()).item()
     assert 0 < error < 0.05
+
+
+def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
+    from starquant_plugin.data import trajectory_canvases
+    from starquant_plugin.diffusion import hf_logits_fn
+    from starquant_plugin.quantization.runtime import attach_runtime
+
+    directory, config, tokenizer, dataset = tiny_setup
+    reference = AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    recipe = RECIPE.replace("weight_bits: 8", "weight_bits: 4") + """    GPTQModifier:
+      targets: ["Linear"]
+      ignore: ["model.transformer.ff_out"]
+      scheme: W4A8
+    TACModifier:
+      num_buckets: 2
+      ridge: 0.01
+      num_trajectories: 8
+"""
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset))
+    attn_out = model.model.transformer.blocks[0].attn_out
+    assert attn_out.tac_matrices.shape == (2, 4, 32, 32) and attn_out.tac_offsets.shape == (2, 128)
+    assert model._starquant_tac == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
+
+    rows = [torch.tensor(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    canvases = trajectory_canvases(hf_logits_fn(model), rows, config["mask_token_id"])
+
+    def error():
+        with torch.no_grad():
+            return sum((model(c).logits - reference(c).logits).pow(2).mean().item() for c in canvases)
+
+    with_tac = error()
+    saved = [(b.attn_out, b.attn_out.tac_matrices, b.attn_out.tac_offsets) for b in model.model.transformer.blocks]
+    for module, _, _ in saved:
+        del module.tac_matrices, module.tac_offsets
+    attach_runtime(model)
+    without_tac = error()
+    assert with_tac < without_tac

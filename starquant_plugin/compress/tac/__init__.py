@@ -1,0 +1,3 @@
+from .base import TACModifier
+
+__all__ = ["TACModifier"]

@@ -1,0 +1,155 @@
+"""TACModifier: Temporal Attention Compensation for llm-compressor."""
+
+import torch
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from loguru import logger
+from pydantic import Field, PrivateAttr
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from ...data import trajectory_canvases
+from ...diffusion import hf_logits_fn
+from ...quantization import fit_tac
+from ...quantization.mappings import tac_target
+from ...quantization.runtime import attach_runtime
+from ...quantization.tac import mask_ratio_bucket
+
+__all__ = ["TACModifier"]
+
+
+class _Captured(Exception):
+    """Stops a forward once the wanted activation is captured."""
+
+
+class TACModifier(Modifier):
+    """
+    STaR-Quant's Temporal Attention Compensation (arXiv 2606.04945; DESIGN.md §2). In a
+    denoising trajectory each step's quantization error flips decisions that later steps
+    build on. TAC fits, per attention layer, a block-diagonal affine map on the attention
+    output (`o^ = blockdiag(A_1..A_n) o + c`, one `b x b` block per head by default) in
+    closed form (ridge regression toward identity), so that the quantized model's
+    attention outputs match the full-precision model's on canvases taken from the
+    *quantized* model's own multi-step trajectories. Layers are fitted in order, each
+    with the earlier ones corrected; optionally one map per mask-ratio bucket.
+
+    Place it after the weight quantizer:
+
+    example recipe:
+    ```yaml
+    starquant_stage:
+      starquant_modifiers:
+        SGATModifier: {rotation_block_size: 128}
+        GPTQModifier: {targets: ["Linear"], ignore: ["model.transformer.ff_out"], scheme: W4A8}
+        TACModifier:
+          num_buckets: 2
+          ridge: 0.01
+    ```
+
+    Lifecycle:
+        - on_initialize: check the architecture, block size and calibration data
+        - on_calibration_end: decode the calibration prompts with the quantized model,
+          recording every step's canvas; load the full-precision reference; for each
+          layer in order capture both models' attention outputs on those canvases, fit
+          the maps and attach them
+        - on_finalize: record the settings on the model for the checkpoint writer
+
+    :param block_size: size of the diagonal blocks (default: head_dim; must divide it)
+    :param num_buckets: mask-ratio buckets K (one map per bucket)
+    :param ridge: ridge strength, relative to the mean input energy per channel
+    :param num_trajectories: calibration rows decoded into trajectories
+    :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
+    :param reference_model: full-precision checkpoint directory (default: the model's own
+        `name_or_path`, which llm-compressor requires to be set)
+    """
+
+    requires_calibration_data: bool = False
+
+    block_size: int | None = Field(default=None, gt=0)
+    num_buckets: int = Field(default=1, ge=1)
+    ridge: float = Field(default=1e-2, ge=0.0)
+    num_trajectories: int = Field(default=16, gt=0)
+    max_tokens_per_layer: int = Field(default=8192, gt=0)
+    reference_model: str | None = None
+
+    _rows: list = PrivateAttr(default_factory=list)
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        config = state.model.config
+        if getattr(config, "model_type", None) != "llada":
+            raise ValueError(f"TACModifier supports LLaDA-format models; got model_type {config.model_type!r}")
+        head_dim = config.d_model // config.n_heads
+        if self.block_size is not None and head_dim % self.block_size:
+            raise ValueError(f"TACModifier.block_size={self.block_size} does not divide head_dim={head_dim}")
+        if getattr(state, "data", None) is None or state.data.calib is None:
+            raise ValueError("TACModifier requires calibration data (prompts to decode into trajectories)")
+        self._rows = []
+        for batch in state.data.calib:
+            for ids, keep in zip(batch["input_ids"], batch.get("attention_mask", batch["input_ids"] * 0 + 1)):
+                self._rows.append(ids[keep.bool()].cpu())
+                if len(self._rows) >= self.num_trajectories:
+                    return True
+        return True
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._fit(state.model)
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        config = state.model.config
+        state.model._starquant_tac = {
+            "block_size": self.block_size or config.d_model // config.n_heads,
+            "num_buckets": self.num_buckets,
+            "ridge": self.ridge,
+        }
+        return True
+
+    @torch.no_grad()
+    def _fit(self, model) -> None:
+        config = model.config
+        device = next(model.parameters()).device
+        canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id)
+        if not canvases:
+            raise ValueError("TACModifier: no calibration row contains a mask token to decode")
+        reference_path = self.reference_model or model.name_or_path
+        logger.info(f"TAC: {len(canvases)} canvases; full-precision reference from {reference_path}")
+        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
+        ratios = torch.stack([(c == config.mask_token_id).float().mean() for c in canvases])
+        block_size = self.block_size or config.d_model // config.n_heads
+        blocks = model.model.transformer.blocks
+        for index in tqdm(range(len(blocks)), desc="TAC layers"):
+            target = tac_target(blocks[index], config)
+            quantized = self._attention_outputs(model, target, canvases)
+            full = self._attention_outputs(reference, tac_target(reference.model.transformer.blocks[index], config), canvases)
+            folded = getattr(target, "_sgat_folded_smoothing", None)
+            if folded is not None:
+                full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
+            tokens = torch.tensor([c.shape[1] for c in canvases])
+            buckets = mask_ratio_bucket(ratios, self.num_buckets).repeat_interleave(tokens)
+            keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
+            tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
+            target.register_buffer("tac_matrices", tac.matrices.to(target.weight.dtype).to(device))
+            target.register_buffer("tac_offsets", tac.offsets.to(target.weight.dtype).to(device))
+            attach_runtime(model)
+        del reference
+
+    @staticmethod
+    def _attention_outputs(model, target, canvases) -> torch.Tensor:
+        """Rows [tokens, width] of `target`'s raw input (before any TAC/SGAT hook) on each canvas."""
+        rows = []
+
+        def capture(module, args):
+            rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+            raise _Captured
+
+        handle = target.register_forward_pre_hook(capture, prepend=True)
+        try:
+            for canvas in canvases:
+                try:
+                    model(input_ids=canvas)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(rows)
