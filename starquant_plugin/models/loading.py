@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checkpoint.loader import parse_starquant_config
 from .llada import LLaDAConfig
 
 __all__ = ["DTYPES", "read_llada_config", "load_llada", "load_tokenizer"]
@@ -63,5 +64,18 @@ def load_llada(
     if tokenizer.pad_token_id is None:
         # Padding is hidden by the attention mask, so any id serves; prefer the config's.
         tokenizer.pad_token_id = config.get("pad_token_id", config.get("eos_token_id"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    if "quantization_config" not in config:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+        return model, tokenizer
+    # A compressed-tensors checkpoint: decompress into fake-quant weights, then attach the
+    # STaR-Quant tensors and activation quantizers.
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from ..checkpoint import load_quantized_into
+
+    parse_starquant_config(config, Path(model_dir) / "config.json")  # fail before the slow load
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    load_quantized_into(model.to(device).eval(), model_dir, config)
     return model, tokenizer

@@ -109,6 +109,8 @@ def _input_hook(tracker: TokenStateTracker):
                 x = fake_quantize_per_token(x, bits, clip)
             elif compressed_tensors_quantizes_input(module):
                 x = clip_per_token(x, clip)  # its per-token quantizer follows; the clip rides along
+        elif activation_bits(module) is not None:
+            x = fake_quantize_per_token(x, activation_bits(module))
         return (x, *args[1:])
 
     return hook
@@ -128,14 +130,17 @@ def detach_runtime(model: nn.Module) -> None:
 
 
 def attach_runtime(model: nn.Module) -> int:
-    """(Re)install the hooks on a LLaDA model; returns how many linears run SGAT or TAC."""
+    """(Re)install the hooks on a LLaDA model; returns how many linears got one (SGAT, TAC or
+    plain per-token activation quantization)."""
     detach_runtime(model)
     tracker = TokenStateTracker()
     handles, count = [], 0
     for block in model.model.transformer.blocks:
         handles.append(block.register_forward_pre_hook(tracker.capture))
         for module in block.modules():
-            if not isinstance(module, nn.Linear) or not (has_sgat(module) or has_tac(module)):
+            if not isinstance(module, nn.Linear):
+                continue
+            if not (has_sgat(module) or has_tac(module) or activation_bits(module) is not None):
                 continue
             handles.append(module.register_forward_pre_hook(_input_hook(tracker)))
             if has_sgat(module):

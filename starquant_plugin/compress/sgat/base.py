@@ -9,6 +9,7 @@ from llmcompressor.modifiers import Modifier
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
+from ...checkpoint.writer import install_save_hook
 from ...quantization import build_sgat_site, fake_quantize_weight
 from ...quantization.apply import apply_sgat_site
 from ...quantization.hadamard import rotation_block_for
@@ -135,6 +136,7 @@ class SGATModifier(Modifier):
                 "activation_bits", "weight_bits", "weight_group_size",
             }
         )
+        install_save_hook(state.model)
         return True
 
     def _capture_states(self, index: int):

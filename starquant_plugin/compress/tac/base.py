@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
+from ...checkpoint.writer import install_save_hook
 from ...quantization import fit_tac
 from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime
@@ -103,6 +104,7 @@ class TACModifier(Modifier):
             "num_buckets": self.num_buckets,
             "ridge": self.ridge,
         }
+        install_save_hook(state.model)
         return True
 
     @torch.no_grad()

@@ -1,0 +1,52 @@
+"""The versioned `starquant_config` block of `config.json` (docs/checkpoint-format.md)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["FORMAT_VERSION", "SGATSettings", "TACSettings", "StarQuantConfig"]
+
+FORMAT_VERSION = 1
+
+
+class SGATSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rotation_block_size: int = Field(ge=0)
+    smoothing_strength: float = Field(ge=0, le=1)
+    centre: Literal["mean", "midrange"] = "mean"
+    per_state_shift: bool = True
+    per_state_clip: bool = True
+    activation_bits: int = Field(ge=2, le=16)
+    weight_bits: int = Field(ge=2, le=16)
+    weight_group_size: int | None = None
+
+
+class TACSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(gt=0)
+    num_buckets: int = Field(ge=1)
+    ridge: float = Field(ge=0)
+
+
+class StarQuantConfig(BaseModel):
+    """What a reader needs besides compressed-tensors' `quantization_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    mask_token_id: int
+    sgat: SGATSettings | None = None
+    tac: TACSettings | None = None
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {value} is newer than this starquant-plugin reads ({FORMAT_VERSION}); upgrade it"
+            )
+        if value < 1:
+            raise ValueError(f"format_version must be >= 1, got {value}")
+        return value

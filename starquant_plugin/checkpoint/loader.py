@@ -1,0 +1,108 @@
+"""Attach a checkpoint's STaR-Quant tensors to a (decompressed) LLaDA model, validating everything."""
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from torch import nn
+
+from ..quantization.hadamard import rotation_block_for
+from ..quantization.mappings import sgat_sites, tac_target
+from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime
+from .config import StarQuantConfig
+
+__all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config"]
+
+STARQUANT_SUFFIXES = (*SGAT_BUFFERS, "sgat_smoothing", *TAC_BUFFERS)
+
+
+def parse_starquant_config(config: dict, source: Path) -> StarQuantConfig | None:
+    block = config.get("starquant_config")
+    if block is None:
+        return None
+    try:
+        parsed = StarQuantConfig.model_validate(block)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{source}: starquant_config.{field}: {first['msg']}") from None
+    if parsed.mask_token_id != config.get("mask_token_id"):
+        raise ValueError(
+            f"{source}: starquant_config.mask_token_id={parsed.mask_token_id} does not match the model's "
+            f"mask_token_id={config.get('mask_token_id')}"
+        )
+    return parsed
+
+
+def read_starquant_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All STaR-Quant tensors of a single-file or sharded safetensors checkpoint."""
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        with safe_open(directory / name, "pt") as f:
+            for key in f.keys():
+                if key.rsplit(".", 1)[-1] in STARQUANT_SUFFIXES:
+                    tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _expect(tensors: dict, name: str, shape: tuple, source: Path) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"{source}: missing STaR-Quant tensor {name}")
+    tensor = tensors.pop(name)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+def _attach(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module.register_buffer(name, tensor.to(device=module.weight.device, dtype=module.weight.dtype))
+
+
+def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -> StarQuantConfig | None:
+    """Register SGAT/TAC tensors, set per-token activation quantization from the
+    compressed-tensors schemes, and attach the runtime. Returns the parsed block."""
+    directory = Path(directory)
+    block = parse_starquant_config(config, directory / "config.json")
+    tensors = read_starquant_tensors(directory)
+    prefix = {module: name for name, module in model.named_modules()}
+    if block is not None and block.sgat is not None:
+        for layer in model.model.transformer.blocks:
+            for site in sgat_sites(layer, model.config).values():
+                for linear in site.linears:
+                    name, width, out = prefix[linear], linear.in_features, linear.out_features
+                    _attach(linear, "sgat_shift", _expect(tensors, f"{name}.sgat_shift", (2, width), directory))
+                    _attach(linear, "sgat_clip", _expect(tensors, f"{name}.sgat_clip", (2,), directory))
+                    _attach(linear, "sgat_compensation", _expect(tensors, f"{name}.sgat_compensation", (2, out), directory))
+                    if f"{name}.sgat_smoothing" in tensors:
+                        _attach(linear, "sgat_smoothing", _expect(tensors, f"{name}.sgat_smoothing", (width,), directory))
+                    linear.sgat_rotation_block = rotation_block_for(width, block.sgat.rotation_block_size)
+    if block is not None and block.tac is not None:
+        b, buckets = block.tac.block_size, block.tac.num_buckets
+        for layer in model.model.transformer.blocks:
+            target = tac_target(layer, model.config)
+            name, width = prefix[target], target.in_features
+            if width % b:
+                raise ValueError(f"{directory}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
+            _attach(target, "tac_matrices", _expect(tensors, f"{name}.tac_matrices", (buckets, width // b, b, b), directory))
+            _attach(target, "tac_offsets", _expect(tensors, f"{name}.tac_offsets", (buckets, width), directory))
+    if tensors:
+        raise ValueError(
+            f"{directory}: STaR-Quant tensors the starquant_config does not account for: {sorted(tensors)[:3]}"
+        )
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        activations = getattr(scheme, "input_activations", None)
+        if activations is None:
+            continue
+        if not activations.dynamic or str(activations.strategy.value if hasattr(activations.strategy, "value") else activations.strategy) != "token":
+            raise ValueError(
+                f"{directory}: {prefix[module]} uses {activations.strategy} activation quantization "
+                f"(dynamic={activations.dynamic}); only dynamic per-token activations are supported"
+            )
+        module.starquant_activation_bits = activations.num_bits
+    attach_runtime(model)
+    return block

@@ -1,0 +1,132 @@
+"""STaR-Quant checkpoints: oneshot output -> starquant_config + tensors -> validated reload."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import starquant_plugin  # noqa: F401
+from starquant_plugin.checkpoint import atomic_output_dir
+from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
+from starquant_plugin.models import load_llada
+from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
+
+RECIPE = """
+starquant_stage:
+  starquant_modifiers:
+    SGATModifier: {rotation_block_size: 32, activation_bits: 8, weight_bits: 8}
+    GPTQModifier: {targets: ["Linear"], ignore: ["model.transformer.ff_out"], scheme: W8A8}
+    TACModifier: {num_trajectories: 4, num_buckets: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2)
+    directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=5))
+    tokenizer = tiny_tokenizer(config)
+    records = [CalibrationRecord(f"abc{i}=", f"answer number {i}") for i in range(6)]
+    dataset = Dataset.from_list(masked_calibration_samples(tokenizer, records, config["mask_token_id"], 2))
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    probe = torch.tensor(dataset[3]["input_ids"])[None]
+    output = tmp / "w8a8"
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=RECIPE, num_calibration_samples=12,
+            output_dir=str(output))
+    with torch.no_grad():
+        in_memory = model(probe).logits
+    return output, probe, in_memory, config
+
+
+def test_config_block_and_tensors_written(quantized):
+    output, _, _, config = quantized
+    saved = json.loads((output / "config.json").read_text())
+    block = saved["starquant_config"]
+    assert block["format_version"] == 1 and block["mask_token_id"] == config["mask_token_id"]
+    assert block["sgat"]["rotation_block_size"] == 32 and block["tac"] == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
+    assert saved["quantization_config"]["quant_method"] == "compressed-tensors"
+    names = load_file(output / "model.safetensors").keys()
+    assert "model.transformer.blocks.1.attn_out.tac_matrices" in names
+    assert "model.transformer.blocks.1.attn_out.sgat_smoothing" in names  # GQA: on line
+    assert "model.transformer.blocks.0.q_proj.weight" in names and "model.transformer.blocks.0.q_proj.weight_scale" in names
+
+
+def test_reload_matches_in_memory_model(quantized):
+    """After oneshot the in-memory model holds dequantized weights and runs activations in full
+    precision (llm-compressor 0.14); the reload with its activation quantizers off must equal
+    it; with them on (the serving path) it stays close."""
+    output, probe, in_memory, _ = quantized
+    model, _ = load_llada(output)
+    linears = [m for m in model.modules() if getattr(m, "starquant_activation_bits", None) == 8]
+    assert len(linears) == 7 * 2
+    with torch.no_grad():
+        quantized_activations = model(probe).logits
+        for linear in linears:
+            linear.starquant_activation_bits = None
+        weights_only = model(probe).logits
+    torch.testing.assert_close(weights_only, in_memory, atol=1e-5, rtol=1e-5)
+    error = (quantized_activations - in_memory).abs().mean() / in_memory.abs().mean()
+    assert 0 < error < 0.1
+
+
+def _copy(quantized, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(quantized[0], target)
+    return target
+
+
+def _edit_tensors(directory, edit):
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(directory, edit):
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: _edit_tensors(d, lambda t: t.pop("model.transformer.blocks.1.v_proj.sgat_shift")),
+         "missing STaR-Quant tensor model.transformer.blocks.1.v_proj.sgat_shift"),
+        (lambda d: _edit_tensors(d, lambda t: t.__setitem__("model.transformer.blocks.0.attn_out.tac_offsets", torch.zeros(2, 64))),
+         r"attn_out.tac_offsets has shape \(2, 64\), expected \(2, 128\)"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"].__setitem__("format_version", 2)),
+         "format_version 2 is newer than this starquant-plugin reads"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"].__setitem__("mask_token_id", 3)),
+         "starquant_config.mask_token_id=3 does not match"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["tac"].__setitem__("num_buckets", 3)),
+         r"tac_matrices has shape \(2, 4, 32, 32\), expected \(3, 4, 32, 32\)"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"].pop("sgat")),
+         "tensors the starquant_config does not account for"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["sgat"].__setitem__("centre", "median")),
+         "starquant_config.sgat.centre"),
+    ],
+)
+def test_malformed_checkpoint_is_a_clear_error(quantized, tmp_path, corrupt, message):
+    directory = _copy(quantized, tmp_path)
+    corrupt(directory)
+    with pytest.raises(ValueError, match=message):
+        load_llada(directory)
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "out") as staging:
+            (staging / "config.json").write_text("{}")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output_dir(tmp_path / "out") as staging:
+        (staging / "config.json").write_text("{}")
+    assert (tmp_path / "out" / "config.json").is_file() and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(ValueError, match="already exists"):
+        with atomic_output_dir(tmp_path / "out"):
+            pass
