@@ -3,6 +3,7 @@
     starquant eval [MODEL] [--tasks FILE.jsonl] [--json OUT] [--gen-length N] [--steps N]
                    [--block-length N] [--batch-size N] ...
     starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
+    starquant quantize [MODEL] --recipe RECIPE.yaml --output DIR [--dataset FILE] [--num-samples N] [--seed N]
 
 MODEL is a LLaDA-format directory; without it the shipped model (and its evaluation set)
 is used. Bad input exits with status 2 and one line naming the problem.
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_integer, default=32)
     evaluate.add_argument("--limit", type=_integer, help="evaluate only the first N examples")
     _add_sampling_arguments(evaluate, "tokens to generate (default: the longest answer in tokens)")
+
+    quantize = commands.add_parser("quantize", help="calibrate with a recipe and write a compressed checkpoint")
+    quantize.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    quantize.add_argument("--recipe", type=Path, required=True, help="llm-compressor YAML recipe (see recipes/)")
+    quantize.add_argument("--output", type=Path, required=True, help="checkpoint directory to create")
+    quantize.add_argument("--dataset", type=Path, help='JSON lines {"prompt","answer"} or {"text"} (default: MODEL/calibration.jsonl)')
+    quantize.add_argument("--num-samples", type=_integer, default=256, help="masked calibration canvases")
+    quantize.add_argument("--samples-per-record", type=_integer, default=4, help="mask ratios per record")
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     generate = commands.add_parser("generate", help="print the generation for one prompt")
     _add_model_argument(generate)
@@ -143,12 +154,32 @@ def run_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def run_quantize(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("llmcompressor") is None:
+        raise UsageError("quantize needs llm-compressor: run it from the compress environment (.venv/compress)")
+    from .compress.quantize import quantize
+
+    summary = quantize(
+        _resolve_model(args), args.recipe, args.output, args.dataset, args.num_samples,
+        args.samples_per_record, args.seed, args.overwrite,
+    )
+    ratio = summary["original_weights_bytes"] / max(summary["weights_bytes"], 1)
+    print(
+        f"wrote {summary['output']}: schemes {', '.join(summary['schemes']) or 'none'}"
+        f"{'; STaR-Quant ' + '+'.join(summary['starquant']) if summary['starquant'] else ''}; "
+        f"weights {summary['weights_bytes'] / 2**20:.2f} MiB (from {summary['original_weights_bytes'] / 2**20:.2f} MiB, "
+        f"{ratio:.2f}x smaller); {summary['seconds']} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="INFO", format="<level>{level: <7}</level> {message}")
     try:
-        {"eval": run_eval, "generate": run_generate}[args.command](args)
+        {"eval": run_eval, "generate": run_generate, "quantize": run_quantize}[args.command](args)
     except (UsageError, ValueError) as error:
         print(f"starquant {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -8,9 +8,9 @@ from pydantic import Field, PrivateAttr
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from ...checkpoint.writer import install_save_hook
 from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
-from ...checkpoint.writer import install_save_hook
 from ...quantization import fit_tac
 from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime

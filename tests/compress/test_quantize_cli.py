@@ -1,0 +1,84 @@
+"""`starquant quantize`: end to end on a tiny checkpoint, summary, recipe errors, atomicity."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from starquant_plugin.cli import main
+from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("q")
+    config = tiny_config(d_model=128, mlp_hidden_size=256)
+    directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=3))
+    dataset = tmp / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
+    tasks = tmp / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(4)))
+    return directory, dataset, tasks
+
+
+def test_quantize_starquant_w8a8_then_eval(tiny_model, tmp_path, capsys):
+    directory, dataset, tasks = tiny_model
+    output = tmp_path / "w8a8"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), "--output", str(output),
+                 "--dataset", str(dataset), "--num-samples", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "schemes W8A8; STaR-Quant sgat+tac" in printed and "smaller" in printed
+    config = json.loads((output / "config.json").read_text())
+    assert config["starquant_config"]["sgat"]["activation_bits"] == 8
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(output), "--tasks", str(tasks), "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["n"] == 4
+    # Quantizing an already quantized checkpoint is refused.
+    assert main(["quantize", str(output), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), "--output",
+                 str(tmp_path / "again"), "--dataset", str(dataset)]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("s_stage:\n  s_modifiers:\n    SGATModifier: {rotation_block_size: 48}\n", "power of two"),
+        ("s_stage:\n  s_modifiers:\n    SGATModifier: {not_a_field: 1}\n", "not_a_field"),
+        ("s_stage:\n  s_modifiers:\n    NoSuchModifier: {}\n", "NoSuchModifier"),
+        ("SGATModifier: {rotation_block_size: 32}\n", "no modifiers found"),
+        ("s_stage: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipes_read_clearly(tiny_model, tmp_path, capsys, recipe, message):
+    directory, dataset, _ = tiny_model
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    output = tmp_path / "out"
+    assert main(["quantize", str(directory), "--recipe", str(path), "--output", str(output), "--dataset", str(dataset)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_failed_run_leaves_no_checkpoint(tiny_model, tmp_path, capsys):
+    directory, dataset, _ = tiny_model
+    recipe = tmp_path / "bad.yaml"
+    # TAC fails after SGAT and GPTQ have run: its reference checkpoint does not exist.
+    recipe.write_text(
+        (RECIPES / "starquant_w8a8.yaml").read_text().replace("ridge: 0.01", f"ridge: 0.01\n      reference_model: {tmp_path / 'missing'}")
+    )
+    output = tmp_path / "out"
+    with pytest.raises(Exception):
+        main(["quantize", str(directory), "--recipe", str(recipe), "--output", str(output), "--dataset", str(dataset),
+              "--num-samples", "8"])
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
+def test_existing_output_is_refused(tiny_model, tmp_path, capsys):
+    directory, dataset, _ = tiny_model
+    (tmp_path / "out").mkdir()
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines" / "rtn_w8a8.yaml"), "--output",
+                 str(tmp_path / "out"), "--dataset", str(dataset)]) == 2
+    assert "already exists" in capsys.readouterr().err
