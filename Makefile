@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup setup-compress setup-serve demo test test-compress test-serve clean
+.PHONY: setup setup-compress setup-serve demo compare test test-compress test-serve clean
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
@@ -36,8 +36,15 @@ $(SERVE)/.installed: $(SERVE_REQUIREMENTS) pyproject.toml
 	$(SERVE)/bin/pip install -q --no-deps -e .
 	touch $@
 
+# Full precision -> STaR-Quant W4A8 checkpoint -> the same evaluation on it.
 demo: setup
 	$(COMPRESS)/bin/starquant eval --json results/demo_fp.json
+	$(COMPRESS)/bin/starquant quantize --recipe recipes/starquant_w4a8.yaml --output results/demo_starquant_w4a8 --overwrite
+	$(COMPRESS)/bin/starquant eval results/demo_starquant_w4a8 --json results/demo_starquant_w4a8.json
+
+# Every recipe on the shipped model -> docs/results.md (+ figures); about 15-25 min on 2 cores.
+compare: setup-compress
+	$(COMPRESS)/bin/python examples/compare.py
 
 test: test-compress test-serve
 

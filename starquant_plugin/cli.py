@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="exact-match evaluation with diffusion decoding")
     _add_model_argument(evaluate)
-    evaluate.add_argument("--tasks", type=Path, help="JSON lines {prompt, answer, task?} (default: the shipped set)")
+    evaluate.add_argument("--tasks", type=Path, help="JSON lines {prompt, answer, task?} (default: MODEL/eval.jsonl)")
     evaluate.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON here")
     evaluate.add_argument("--batch-size", type=_integer, default=32)
     evaluate.add_argument("--limit", type=_integer, help="evaluate only the first N examples")
@@ -114,9 +114,11 @@ def run_eval(args: argparse.Namespace) -> None:
     from .models import load_llada
 
     model_dir = _resolve_model(args)
-    tasks_path = args.tasks if args.tasks is not None else (SHIPPED_EVAL_SET if args.model is None else None)
+    tasks_path = args.tasks
     if tasks_path is None:
-        raise UsageError("--tasks FILE.jsonl is required when MODEL is given")
+        tasks_path = SHIPPED_EVAL_SET if args.model is None else model_dir / "eval.jsonl"
+        if not tasks_path.is_file():
+            raise UsageError(f"--tasks FILE.jsonl is required: {model_dir} ships no eval.jsonl")
     examples = load_tasks(tasks_path)
     if args.limit:
         examples = examples[: args.limit]

@@ -112,7 +112,8 @@ def test_bad_decoding_settings(tiny_checkpoint, tasks_file, capsys, flags, messa
 
 def test_model_without_tasks_is_a_usage_error(tiny_checkpoint, capsys):
     assert main(["eval", str(tiny_checkpoint[0])]) == 2
-    assert "--tasks FILE.jsonl is required" in _error(capsys)
+    error = _error(capsys)
+    assert "--tasks FILE.jsonl is required" in error and "ships no eval.jsonl" in error
 
 
 def test_console_script_generate(tiny_checkpoint):

@@ -1,0 +1,48 @@
+"""Trajectory drift of a quantized model against its full-precision original."""
+
+import torch
+
+from ..diffusion import DiffusionSamplingConfig, TrajectoryStep, diffusion_generate, hf_logits_fn, masked_nll
+
+__all__ = ["trajectory_drift", "mean_masked_nll"]
+
+
+@torch.no_grad()
+def trajectory_drift(
+    quantized, reference, tokenizer, prompts: list[str], sampling: DiffusionSamplingConfig, mask_token_id: int
+) -> dict[str, list[float]]:
+    """Per denoising step, averaged over prompts:
+
+    - `kl`: KL(p_fp || p_q) at the positions still masked in the quantized model's canvas;
+    - `flipped`: fraction of the quantized run's committed generation tokens that differ
+      from the full-precision run's final output at the same position.
+    """
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    prompt_length = ids.shape[1]
+    fp_final = diffusion_generate(hf_logits_fn(reference), ids, mask_token_id, sampling, attention).sequences
+    kl, flipped = [], []
+
+    def record(step: TrajectoryStep) -> None:
+        canvas_mask = torch.cat([attention, torch.ones_like(step.input_ids[:, prompt_length:])], 1)
+        masked = step.input_ids == mask_token_id
+        q_logp = torch.log_softmax(quantized(step.input_ids, attention_mask=canvas_mask).logits.double(), -1)
+        fp_logp = torch.log_softmax(reference(step.input_ids, attention_mask=canvas_mask).logits.double(), -1)
+        divergence = (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)
+        kl.append(float(divergence[masked].mean()) if masked.any() else 0.0)
+        committed = step.canvas[:, prompt_length:] != mask_token_id
+        differs = (step.canvas[:, prompt_length:] != fp_final[:, prompt_length:]) & committed
+        flipped.append(float(differs.sum() / committed.sum().clamp(min=1)))
+
+    diffusion_generate(hf_logits_fn(quantized), ids, mask_token_id, sampling, attention, trajectory_hook=record)
+    return {"kl": kl, "flipped": flipped}
+
+
+def mean_masked_nll(model, tokenizer, examples, mask_token_id: int, mc_samples: int = 32, seed: int = 0) -> float:
+    """Average Monte-Carlo masked NLL (nats per answer) of the answers given the prompts."""
+    total = 0.0
+    for example in examples:
+        prompt = torch.tensor(tokenizer(example.prompt)["input_ids"])
+        answer = torch.tensor(tokenizer(example.answer, add_special_tokens=False)["input_ids"])
+        total += masked_nll(hf_logits_fn(model), prompt, answer, mask_token_id, mc_samples, min(16, mc_samples), seed)
+    return total / len(examples)
