@@ -1,15 +1,12 @@
 """STaR-Quant: state-time consistent post-training quantization for diffusion LLMs."""
 
-from importlib.util import find_spec
-
+from ._registration import register_modifiers_when_llmcompressor_loads
 from .models import LLaDAConfig, LLaDAModelLM, register_with_transformers
 
 __version__ = "0.1.0"
 
 register_with_transformers()
-
-# In the compress environment, make SGATModifier/TACModifier nameable in YAML recipes.
-if find_spec("llmcompressor") is not None:
-    from . import compress  # noqa: F401  (registers the modifiers with ModifierFactory)
+# SGATModifier/TACModifier become nameable in YAML recipes as soon as llm-compressor loads.
+register_modifiers_when_llmcompressor_loads()
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM", "__version__"]

@@ -123,3 +123,22 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
     attach_runtime(model)
     without_tac = error()
     assert with_tac < without_tac
+
+
+def test_registration_is_lazy_and_works_in_either_import_order():
+    import subprocess
+    import sys
+
+    for first, second in (("starquant_plugin", "llmcompressor"), ("llmcompressor", "starquant_plugin")):
+        code = (
+            f"import sys, {first}\n"
+            "lazy = 'llmcompressor' in sys.modules\n"
+            f"import {second}\n"
+            "from llmcompressor.modifiers.factory import ModifierFactory\n"
+            "print(lazy, sorted(ModifierFactory._registered_registry))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        lazy, names = done.stdout.strip().splitlines()[-1].split(" ", 1)
+        assert names == "['SGATModifier', 'TACModifier']"
+        assert lazy == ("True" if first == "llmcompressor" else "False")
