@@ -104,5 +104,10 @@ def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -
                 f"(dynamic={activations.dynamic}); only dynamic per-token activations are supported"
             )
         module.starquant_activation_bits = activations.num_bits
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            # compressed-tensors keeps a fake-quant forward wrapper on decompressed linears that
+            # would quantize the input a second time; our hooks own activation quantization.
+            module.quantization_enabled = False
     attach_runtime(model)
     return block

@@ -27,6 +27,8 @@ starquant_stage:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
+    from compressed_tensors.quantization import disable_quantization
+
     tmp = tmp_path_factory.mktemp("ckpt")
     config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2)
     directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=5))
@@ -39,8 +41,10 @@ def quantized(tmp_path_factory):
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=RECIPE, num_calibration_samples=12,
             output_dir=str(output))
     with torch.no_grad():
-        in_memory = model(probe).logits
-    return output, probe, in_memory, config
+        in_memory = model(probe).logits  # compressed-tensors' activation quantizer, with our clip riding along
+        model.apply(disable_quantization)
+        in_memory_weights_only = model(probe).logits
+    return output, probe, (in_memory, in_memory_weights_only), config
 
 
 def test_config_block_and_tensors_written(quantized):
@@ -57,21 +61,22 @@ def test_config_block_and_tensors_written(quantized):
 
 
 def test_reload_matches_in_memory_model(quantized):
-    """After oneshot the in-memory model holds dequantized weights and runs activations in full
-    precision (llm-compressor 0.14); the reload with its activation quantizers off must equal
-    it; with them on (the serving path) it stays close."""
-    output, probe, in_memory, _ = quantized
+    """Weights, SGAT and TAC reload exactly; activation quantization is ours on reload (scale
+    absmax/127, as the int8 kernels) and compressed-tensors' in memory (absmax/127.5)."""
+    output, probe, (in_memory, in_memory_weights_only), _ = quantized
     model, _ = load_llada(output)
     linears = [m for m in model.modules() if getattr(m, "starquant_activation_bits", None) == 8]
     assert len(linears) == 7 * 2
+    assert all(m.quantization_enabled is False for m in linears)  # no second quantizer
     with torch.no_grad():
-        quantized_activations = model(probe).logits
+        reloaded = model(probe).logits
         for linear in linears:
             linear.starquant_activation_bits = None
         weights_only = model(probe).logits
-    torch.testing.assert_close(weights_only, in_memory, atol=1e-5, rtol=1e-5)
-    error = (quantized_activations - in_memory).abs().mean() / in_memory.abs().mean()
-    assert 0 < error < 0.1
+    torch.testing.assert_close(weights_only, in_memory_weights_only, atol=1e-5, rtol=1e-5)
+    error = ((reloaded - in_memory).abs().mean() / in_memory.abs().mean()).item()
+    assert 0 < error < 0.1  # measured 0.047 on this random-weight model
+    assert (reloaded.argmax(-1) == in_memory.argmax(-1)).float().mean() > 0.9
 
 
 def _copy(quantized, tmp_path):
