@@ -1,10 +1,12 @@
 """Load LLaDA-format checkpoint directories (hub layout) with their tokenizer."""
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from ..checkpoint.loader import parse_starquant_config
 from .llada import LLaDAConfig
@@ -74,8 +76,16 @@ def load_llada(
     from ..checkpoint import load_quantized_into
 
     parse_starquant_config(config, Path(model_dir) / "config.json")  # fail before the slow load
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], quantization_config=CompressedTensorsConfig(run_compressed=False)
-    )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report lists our SGAT/TAC tensors as unexpected
+    try:
+        with warnings.catch_warnings():
+            # dequantize=True is deliberate; transformers warns that the checkpoint has its own config.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=DTYPES[dtype], quantization_config=CompressedTensorsConfig(dequantize=True)
+            )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     load_quantized_into(model.to(device).eval(), model_dir, config)
     return model, tokenizer
