@@ -2,11 +2,17 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["FORMAT_VERSION", "SGATSettings", "TACSettings", "StarQuantConfig"]
+__all__ = ["FORMAT_VERSION", "SGATSettings", "TACSettings", "StarQuantConfig", "describe_validation_error"]
 
 FORMAT_VERSION = 1
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """`field.path: message` of the first problem pydantic found."""
+    first = error.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
 
 
 class SGATSettings(BaseModel):

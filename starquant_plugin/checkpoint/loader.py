@@ -11,7 +11,7 @@ from torch import nn
 from ..quantization.hadamard import rotation_block_for
 from ..quantization.mappings import sgat_sites, tac_target
 from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime
-from .config import StarQuantConfig
+from .config import StarQuantConfig, describe_validation_error
 
 __all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config"]
 
@@ -25,9 +25,7 @@ def parse_starquant_config(config: dict, source: Path) -> StarQuantConfig | None
     try:
         parsed = StarQuantConfig.model_validate(block)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{source}: starquant_config.{field}: {first['msg']}") from None
+        raise ValueError(f"{source}: starquant_config.{describe_validation_error(error)}") from None
     if parsed.mask_token_id != config.get("mask_token_id"):
         raise ValueError(
             f"{source}: starquant_config.mask_token_id={parsed.mask_token_id} does not match the model's "

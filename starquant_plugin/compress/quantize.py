@@ -8,6 +8,7 @@ import yaml
 from loguru import logger
 
 from ..checkpoint import atomic_output_dir
+from ..checkpoint.config import describe_validation_error
 from ..data import load_calibration_records, masked_calibration_samples
 from ..models import load_llada, read_llada_config
 
@@ -30,9 +31,7 @@ def validate_recipe(recipe: Path) -> None:
     try:
         instance = Recipe.create_instance(str(recipe))
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{recipe}: {field}: {first['msg']}") from None
+        raise ValueError(f"{recipe}: {describe_validation_error(error)}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{recipe}: {error}") from None
     if not instance.modifiers:
