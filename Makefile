@@ -36,9 +36,10 @@ $(SERVE)/.installed: $(SERVE_REQUIREMENTS) pyproject.toml
 	$(SERVE)/bin/pip install -q --no-deps -e .
 	touch $@
 
-# Full precision -> STaR-Quant W4A8 checkpoint -> the same evaluation on it.
+# Full precision (core, then vLLM) -> STaR-Quant W4A8 checkpoint -> the same evaluation on it.
 demo: setup
 	$(COMPRESS)/bin/starquant eval --json results/demo_fp.json
+	$(SERVE)/bin/starquant eval --backend vllm --json results/demo_fp_vllm.json
 	$(COMPRESS)/bin/starquant quantize --recipe recipes/starquant_w4a8.yaml --output results/demo_starquant_w4a8 --overwrite
 	$(COMPRESS)/bin/starquant eval results/demo_starquant_w4a8 --json results/demo_starquant_w4a8.json
 

@@ -19,7 +19,7 @@ import starquant_plugin  # noqa: F401  (registers LLaDA and the modifiers)
 from starquant_plugin.assets import SHIPPED_MODEL
 from starquant_plugin.compress.quantize import quantize
 from starquant_plugin.diffusion import masked_state
-from starquant_plugin.evaluation import default_sampling, evaluate_examples, load_tasks
+from starquant_plugin.evaluation import core_generate_fn, default_sampling, evaluate_examples, load_tasks
 from starquant_plugin.evaluation.drift import mean_masked_nll, trajectory_drift
 from starquant_plugin.models import load_llada
 
@@ -116,7 +116,9 @@ def main() -> None:
 
     def measure(name, model, extra):
         started = time.perf_counter()
-        scored = evaluate_examples(model, tokenizer, examples, sampling, mask, batch_size=100, progress=False)
+        scored = evaluate_examples(
+            core_generate_fn(model, tokenizer, mask), examples, sampling, batch_size=100, progress=False
+        )
         row = {
             "exact_match": scored.exact_match,
             "per_task": scored.per_task,

@@ -1,8 +1,8 @@
 """Train the shipped LLaDA-format model (`starquant_plugin/assets/llada-tiny-arith`).
 
 Deterministic (fixed seeds, one compute thread): the same command gives the same weights.
-The task is 3-digit addition and subtraction with zero-padded numbers in a prompt -> answer
-format (`"<bos>417+385="` -> `"0802"`, `"417-385="` -> `"032"`), trained with LLaDA's SFT objective (answer tokens,
+The task is 4-digit addition and subtraction with zero-padded numbers in a prompt -> answer
+format (`"<bos>4170+3852="` -> `"08022"`, `"4170-3852="` -> `"0318"`), trained with LLaDA's SFT objective (answer tokens,
 including end-of-text padding, masked at a ratio t ~ U(0, 1], loss weighted by 1/t).
 It writes the hub layout (config.json with every LLaDA key, model.safetensors with hub
 tensor names, tokenizer.json + tokenizer_config.json) plus the held-out evaluation set
@@ -35,6 +35,8 @@ BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 SPECIAL_IDS = {BOS: 29, EOS: 30, MASK: 31}
 EVAL_SIZE, CALIBRATION_SIZE = 500, 256
 MAX_EXTRA_EOS = 3
+# Operand width. 3 digits was too easy: W4A4 round-to-nearest lost only 0.2 points of exact match.
+DIGITS = 4
 
 
 def build_tokenizer():
@@ -43,13 +45,13 @@ def build_tokenizer():
     )
 
 
-def make_example(rng: random.Random) -> dict:
-    """Zero-padded operands and answers: `042+617=` -> `0659`, `617-042=` -> `575`."""
-    a, b = rng.randrange(1000), rng.randrange(1000)
+def make_example(rng: random.Random, digits: int = DIGITS) -> dict:
+    """Zero-padded operands and answers (digits=4): `0042+6170=` -> `06212`, `6170-0042=` -> `6128`."""
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
     if rng.random() < 0.5:
-        return {"prompt": f"{a:03d}+{b:03d}=", "answer": f"{a + b:04d}", "task": "add"}
+        return {"prompt": f"{a:0{digits}d}+{b:0{digits}d}=", "answer": f"{a + b:0{digits + 1}d}", "task": "add"}
     a, b = max(a, b), min(a, b)
-    return {"prompt": f"{a:03d}-{b:03d}=", "answer": f"{a - b:03d}", "task": "sub"}
+    return {"prompt": f"{a:0{digits}d}-{b:0{digits}d}=", "answer": f"{a - b:0{digits}d}", "task": "sub"}
 
 
 def held_out_sets(seed: int) -> tuple[list[dict], list[dict]]:
@@ -108,7 +110,7 @@ def evaluate(model, tokenizer, examples: list[dict], mask_token_id: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,9 @@
                    [--block-length N] [--batch-size N] ...
     starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
     starquant quantize [MODEL] --recipe RECIPE.yaml --output DIR [--dataset FILE] [--num-samples N] [--seed N]
+    starquant serve [MODEL] [--port N] [--host H] [--tensor-parallel-size N]     (serve environment)
+
+eval and generate take `--backend core|vllm` (vllm: the serve environment).
 
 MODEL is a LLaDA-format directory; without it the shipped model (and its evaluation set)
 is used. Bad input exits with status 2 and one line naming the problem.
@@ -11,6 +14,7 @@ is used. Bad input exits with status 2 and one line naming the problem.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +38,12 @@ def _integer(text: str) -> int:
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device for the core backend, e.g. cpu or cuda")
+    parser.add_argument(
+        "--backend", default="core", choices=["core", "vllm"],
+        help="core: transformers in this process (fake-quant for quantized checkpoints); vllm: a vLLM engine",
+    )
+    parser.add_argument("--tensor-parallel-size", type=_integer, default=1, help="vLLM tensor-parallel ranks")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, gen_length_help: str) -> None:
@@ -70,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--samples-per-record", type=_integer, default=4, help="mask ratios per record")
     quantize.add_argument("--seed", type=int, default=0)
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server on a vLLM engine")
+    serve.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_integer, default=8000)
+    serve.add_argument("--served-model-name", help="model id in /v1/models (default: the directory name)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--tensor-parallel-size", type=_integer, default=1)
+    serve.add_argument("--max-batch-size", type=_integer, default=64, help="prompts decoded together")
+    serve.add_argument("--max-pending", type=_integer, default=256, help="waiting prompts before answering 503")
 
     generate = commands.add_parser("generate", help="print the generation for one prompt")
     _add_model_argument(generate)
@@ -108,10 +127,37 @@ def _print_table(result, model_dir: Path) -> None:
         print(f"{task:<{width}}  {score:>14}")
 
 
+def _vllm_logs_to_stderr() -> None:
+    # vLLM logs to stdout by default; stdout carries the command's own output (generations, tables).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def _load_backend(args: argparse.Namespace, model_dir: Path):
+    """(generate_fn, tokenizer) of the chosen backend; see `starquant_plugin.evaluation.GenerateFn`."""
+    if args.tensor_parallel_size <= 0:
+        raise UsageError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
+    if args.backend == "core":
+        from .evaluation import core_generate_fn
+        from .models import load_llada
+
+        if args.tensor_parallel_size != 1:
+            raise UsageError("--tensor-parallel-size needs --backend vllm")
+        model, tokenizer = load_llada(model_dir, args.dtype, args.device)
+        return core_generate_fn(model, tokenizer, model.config.mask_token_id), tokenizer
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        raise UsageError("--backend vllm needs vLLM: run it from the serve environment (.venv/serve)")
+    _vllm_logs_to_stderr()
+    from .serving import DiffusionLLM
+
+    llm = DiffusionLLM(model_dir, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+    return llm.generate_texts, llm.tokenizer
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .assets import SHIPPED_EVAL_SET
     from .evaluation import default_sampling, evaluate_examples, load_tasks
-    from .models import load_llada
 
     model_dir = _resolve_model(args)
     tasks_path = args.tasks
@@ -122,17 +168,18 @@ def run_eval(args: argparse.Namespace) -> None:
     examples = load_tasks(tasks_path)
     if args.limit:
         examples = examples[: args.limit]
-    model, tokenizer = load_llada(model_dir, args.dtype, args.device)
+    generate_fn, tokenizer = _load_backend(args, model_dir)
     sampling = default_sampling(tokenizer, examples, **_sampling_options(args))
-    logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path}")
+    logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path} ({args.backend} backend)")
     result = evaluate_examples(
-        model,
-        tokenizer,
+        generate_fn,
         examples,
         sampling,
-        model.config.mask_token_id,
         batch_size=args.batch_size,
-        extra_settings={"model": str(model_dir), "tasks": str(tasks_path), "backend": "core", "dtype": args.dtype},
+        extra_settings={
+            "model": str(model_dir), "tasks": str(tasks_path), "backend": args.backend, "dtype": args.dtype,
+            "tensor_parallel_size": args.tensor_parallel_size,
+        },
     )
     _print_table(result, model_dir)
     if args.json_out is not None:
@@ -143,17 +190,34 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     from .diffusion import DiffusionSamplingConfig
-    from .evaluation import generate_texts
-    from .models import load_llada
 
     model_dir = _resolve_model(args)
     options = _sampling_options(args)
     if options["gen_length"] is None:
         options["gen_length"] = 32
-    sampling = DiffusionSamplingConfig(**options)
-    model, tokenizer = load_llada(model_dir, args.dtype, args.device)
-    (text,) = generate_texts(model, tokenizer, [args.prompt], sampling, model.config.mask_token_id)
+    sampling = DiffusionSamplingConfig(**options)  # bad settings fail before a model loads
+    generate_fn, _ = _load_backend(args, model_dir)
+    (text,) = generate_fn([args.prompt], sampling)
     print(text)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        raise UsageError("serve needs vLLM: run it from the serve environment (.venv/serve)")
+    _vllm_logs_to_stderr()
+    for name in ("port", "tensor_parallel_size", "max_batch_size", "max_pending"):
+        value = getattr(args, name)
+        if value <= 0 or (name == "port" and value > 65535):
+            raise UsageError(f"--{name.replace('_', '-')} out of range: {value}")
+    from .models import read_llada_config
+    from .serving.server import serve
+
+    model_dir = _resolve_model(args)
+    read_llada_config(model_dir)
+    serve(model_dir, args.host, args.port, args.served_model_name, args.tensor_parallel_size, args.dtype,
+          args.max_batch_size, args.max_pending)
 
 
 def run_quantize(args: argparse.Namespace) -> None:
@@ -181,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="INFO", format="<level>{level: <7}</level> {message}")
     try:
-        {"eval": run_eval, "generate": run_generate, "quantize": run_quantize}[args.command](args)
+        {"eval": run_eval, "generate": run_generate, "quantize": run_quantize, "serve": run_serve}[args.command](args)
     except (UsageError, ValueError) as error:
         print(f"starquant {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -241,6 +241,9 @@ def diffusion_generate(
             logits = _guided_logits(
                 logits_fn, canvas, canvas_mask, prompt_positions, mask_token_id, config.cfg_scale
             )
+            if config.threshold is not None:
+                # A proposed mask token would commit nothing, and the block might never finish.
+                logits[..., mask_token_id] = float("-inf")
             proposal, confidence = propose_tokens(logits, config, generator)
             confidence[:, end:] = float("-inf")
             proposal = torch.where(masked, proposal, canvas)

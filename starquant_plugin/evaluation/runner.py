@@ -1,7 +1,13 @@
-"""Exact-match evaluation of a diffusion LLM on a task file with the core (transformers) backend."""
+"""Exact-match evaluation of a diffusion LLM on a task file, with any decoding backend.
+
+A backend enters as `generate_fn(prompts, sampling) -> continuations`: the core
+(transformers) backend is `core_generate_fn(model, tokenizer, mask_token_id)`, the vLLM one
+`DiffusionLLM.generate_texts` (`starquant_plugin.serving`).
+"""
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
@@ -9,7 +15,9 @@ from tqdm.auto import tqdm
 from ..diffusion import DiffusionSamplingConfig, diffusion_generate, hf_logits_fn
 from .tasks import TaskExample, exact_match
 
-__all__ = ["EvaluationResult", "default_sampling", "evaluate_examples", "generate_texts"]
+__all__ = ["EvaluationResult", "GenerateFn", "core_generate_fn", "default_sampling", "evaluate_examples", "generate_texts"]
+
+GenerateFn = Callable[[list[str], DiffusionSamplingConfig], list[str]]
 
 
 @dataclass
@@ -58,12 +66,19 @@ def generate_texts(
     return tokenizer.batch_decode(output.generated.cpu(), skip_special_tokens=True)
 
 
+def core_generate_fn(model, tokenizer, mask_token_id: int) -> GenerateFn:
+    """The core backend: decode with `model` (transformers) in this process."""
+
+    def generate_fn(prompts: list[str], sampling: DiffusionSamplingConfig) -> list[str]:
+        return generate_texts(model, tokenizer, prompts, sampling, mask_token_id)
+
+    return generate_fn
+
+
 def evaluate_examples(
-    model,
-    tokenizer,
+    generate_fn: GenerateFn,
     examples: list[TaskExample],
     sampling: DiffusionSamplingConfig,
-    mask_token_id: int,
     batch_size: int = 32,
     extra_settings: dict | None = None,
     progress: bool = True,
@@ -76,7 +91,7 @@ def evaluate_examples(
     with tqdm(total=len(examples), desc="decoding", unit="ex", disable=not progress) as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            texts = generate_texts(model, tokenizer, [e.prompt for e in chunk], sampling, mask_token_id)
+            texts = generate_fn([e.prompt for e in chunk], sampling)
             predictions.extend(texts)
             correct += sum(exact_match(t, e.answer) for t, e in zip(texts, chunk))
             bar.update(len(chunk))

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,19 @@ def test_load_tasks_keeps_order_and_default_task(tasks_file):
     examples = load_tasks(tasks_file)
     assert [e.task for e in examples] == ["x", "y", "default"]
     assert examples[0].answer == "cde"
+
+
+def test_tensor_parallel_needs_the_vllm_backend(tiny_checkpoint, tasks_file, capsys):
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(tasks_file), "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size needs --backend vllm" in _error(capsys)
+    assert main(["generate", str(tiny_checkpoint[0]), "--prompt", "ab", "--backend", "vllm",
+                 "--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size must be positive, got 0" in _error(capsys)
+
+
+@pytest.mark.skipif(find_spec("vllm") is not None, reason="vLLM is installed here: tests/serve runs the backend")
+def test_vllm_commands_outside_the_serve_environment_say_where_to_run(tiny_checkpoint, capsys):
+    assert main(["generate", str(tiny_checkpoint[0]), "--prompt", "ab", "--backend", "vllm"]) == 2
+    assert "run it from the serve environment (.venv/serve)" in _error(capsys)
+    assert main(["serve", str(tiny_checkpoint[0])]) == 2
+    assert "serve needs vLLM" in _error(capsys)

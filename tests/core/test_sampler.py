@@ -114,6 +114,21 @@ def test_random_remasking_changes_order_not_counts():
     assert any(not torch.equal(a.committed, b.committed) for a, b in zip(recorded, low))
 
 
+def test_threshold_decoding_never_commits_the_mask_token():
+    """A model whose favourite token is the mask itself still finishes every block in <= block_length steps."""
+    prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(5))
+
+    def mask_loving(input_ids, attention_mask=None):
+        logits = content_logits(input_ids)
+        logits[:, :, MASK] += 50.0
+        return logits
+
+    config = DiffusionSamplingConfig(gen_length=8, block_length=4, threshold=0.9)
+    output = diffusion_generate(mask_loving, prompt, MASK, config)
+    assert not (output.generated == MASK).any()
+    assert all(steps <= 4 for steps in output.steps_per_block)
+
+
 def test_threshold_commits_all_confident_and_at_least_one():
     prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(4))
 

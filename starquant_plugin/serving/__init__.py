@@ -1,0 +1,8 @@
+"""vLLM adapter: plugin, LLaDA model from vLLM layers, diffusion decoding engine.
+
+Importing this package does not import vLLM; `DiffusionLLM` does when it is built.
+"""
+
+from .engine import DiffusionCompletion, DiffusionLLM, DiffusionSamplingParams
+
+__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion"]

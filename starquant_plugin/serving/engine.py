@@ -1,0 +1,175 @@
+"""`DiffusionLLM`: masked-diffusion decoding on a vLLM engine.
+
+vLLM loads the checkpoint (its loader, quantization and tensor parallelism); the denoising
+loop runs inside vLLM's workers (`serving.worker`), one RPC per batch of prompts.
+
+    from starquant_plugin.serving import DiffusionLLM, DiffusionSamplingParams
+    llm = DiffusionLLM("path/to/checkpoint")
+    outputs = llm.generate(["417+385="], DiffusionSamplingParams(gen_length=4))
+    print(outputs[0].text)
+"""
+
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..diffusion import DiffusionSamplingConfig
+from ..models.loading import load_tokenizer, read_llada_config
+
+__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion"]
+
+WORKER_EXTENSION = "starquant_plugin.serving.worker.DiffusionWorkerExtension"
+
+
+@dataclass
+class DiffusionSamplingParams(DiffusionSamplingConfig):
+    """Decoding settings of one `generate` call: the core sampler's (`DiffusionSamplingConfig`)."""
+
+
+@dataclass
+class DiffusionCompletion:
+    prompt: str
+    text: str
+    token_ids: list[int]
+
+
+@contextmanager
+def _cpu_rank_binding(ranks: int):
+    """On vLLM's CPU platform, give each rank its own cores while the engine starts, unless the
+    user set `VLLM_CPU_OMP_THREADS_BIND`.
+
+    vLLM's automatic binding wants one NUMA node per rank and refuses TP > 1 on a
+    single-node machine; splitting this process's allowed cores evenly works everywhere.
+    The variable is restored afterwards (the engine's processes have read it by then).
+    """
+    from vllm.platforms import current_platform
+
+    if ranks <= 1 or not current_platform.is_cpu() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        yield
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size={ranks} needs at least {ranks} CPU cores; {len(cores)} are allowed")
+    per_rank = len(cores) // ranks
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(map(str, cores[r * per_rank:(r + 1) * per_rank])) for r in range(ranks)
+    )
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+
+
+def checkpoint_dtype(config: dict) -> str:
+    """The dtype a checkpoint was saved in (vLLM's `auto` would pick bf16 on CPU for fp32)."""
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+class DiffusionLLM:
+    """A LLaDA-format checkpoint (plain or compressed-tensors) served by vLLM for diffusion decoding.
+
+    Args:
+        model: checkpoint directory.
+        tensor_parallel_size: vLLM tensor-parallel ranks.
+        dtype: `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`.
+        max_batch_size: prompts decoded per RPC; larger batches are split.
+        **engine_kwargs: passed to `vllm.LLM` (e.g. `max_model_len`).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_batch_size: int = 64,
+        **engine_kwargs,
+    ):
+        config = read_llada_config(model)  # clear errors before vLLM's slower start-up
+        self.model_dir = Path(model)
+        self.mask_token_id = config["mask_token_id"]
+        self.max_sequence_length = config.get("max_sequence_length", 4096)
+        self.max_batch_size = max_batch_size
+        self.tokenizer = load_tokenizer(model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = config.get("pad_token_id", config.get("eos_token_id"))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        from .plugin import register
+
+        register()  # this process too (entry points cover vLLM's own processes)
+        # The loop runs outside vLLM's scheduler and keeps no KV cache: nothing to prefix-cache,
+        # nothing to capture or compile.
+        engine_kwargs.setdefault("enable_prefix_caching", False)
+        engine_kwargs.setdefault("enforce_eager", True)
+        engine_kwargs.setdefault("max_model_len", self.max_sequence_length)
+        with _cpu_rank_binding(tensor_parallel_size):
+            self.llm = LLM(
+                model=str(model),
+                tokenizer=str(model),
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=checkpoint_dtype(config) if dtype == "auto" else dtype,
+                worker_extension_cls=WORKER_EXTENSION,
+                **engine_kwargs,
+            )
+
+    def generate(self, prompts: str | list[str], params: DiffusionSamplingParams) -> list[DiffusionCompletion]:
+        """Decode every prompt (batched, left-padded); continuations with special tokens skipped."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(params, DiffusionSamplingConfig):
+            raise TypeError(f"params must be DiffusionSamplingParams, got {type(params).__name__}")
+        self.validate(prompts, params)
+        completions = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[start:start + self.max_batch_size]
+            batch = self.tokenizer(chunk, padding=True)
+            generated = self.llm.collective_rpc(
+                "starquant_diffusion_generate", args=(batch["input_ids"], batch["attention_mask"], asdict(params))
+            )[0]
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            completions.extend(DiffusionCompletion(p, t, ids) for p, t, ids in zip(chunk, texts, generated))
+        return completions
+
+    def validate(self, prompts: list[str], params: DiffusionSamplingConfig) -> None:
+        """ValueError naming the prompt when one is empty or its canvas exceeds the model's length."""
+        for index, prompt in enumerate(prompts):
+            length = len(self.tokenizer(prompt)["input_ids"])
+            if length == 0:
+                raise ValueError(f"prompt {index}: empty (the tokenizer produced no tokens)")
+            if length + params.gen_length > self.max_sequence_length:
+                raise ValueError(
+                    f"prompt {index}: {length} prompt tokens + gen_length {params.gen_length} exceeds "
+                    f"max_sequence_length={self.max_sequence_length}"
+                )
+
+    def generate_texts(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list[str]:
+        """The evaluation runner's backend interface (`starquant_plugin.evaluation.GenerateFn`)."""
+        return [completion.text for completion in self.generate(prompts, sampling)]
+
+    def logits(self, input_ids: list[list[int]], attention_mask: list[list[int]] | None = None):
+        """Logits [batch, seq, vocab] (float32 tensor) of canvases, as the decoding loop sees them."""
+        import torch
+
+        if attention_mask is None:
+            attention_mask = [[1] * len(row) for row in input_ids]
+        return torch.tensor(self.llm.collective_rpc("starquant_logits", args=(input_ids, attention_mask))[0])
+
+    def model_info(self) -> dict:
+        """Loaded model class and dtype on rank 0."""
+        return self.llm.collective_rpc("starquant_model_info")[0]
+
+    def close(self) -> None:
+        """Stop the engine's processes (also done at interpreter exit)."""
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+
+    def __enter__(self) -> "DiffusionLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
