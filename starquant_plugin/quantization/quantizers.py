@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["fake_quantize_per_token", "fake_quantize_weight", "integer_range"]
+__all__ = ["fake_quantize_per_token", "fake_quantize_weight", "integer_range", "quantize_per_token"]
 
 
 def integer_range(bits: int) -> int:
@@ -12,17 +12,28 @@ def integer_range(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def fake_quantize_per_token(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+def quantize_per_token(
+    x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token (last-dim row) absmax quantization with a clip ratio.
 
     Args:
         x: [..., dim] activations.
         clip: scalar or tensor broadcastable to `x[..., :1]` — the fraction of each row's absmax
             mapped to the largest code; values beyond it saturate.
+
+    Returns:
+        (codes in [-qmax, qmax] as x's dtype, scales [..., 1]) with `x ~= codes * scales`.
     """
     qmax = integer_range(bits)
     scale = (x.abs().amax(dim=-1, keepdim=True) * clip).clamp(min=1e-8) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale  # symmetric: codes in [-qmax, qmax]
+    return (x / scale).round().clamp(-qmax, qmax), scale  # symmetric: codes in [-qmax, qmax]
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """`quantize_per_token` followed by dequantization (what the integer kernels compute)."""
+    codes, scale = quantize_per_token(x, bits, clip)
+    return codes * scale
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:

@@ -20,11 +20,22 @@ from .quantizers import fake_quantize_per_token
 from .sgat import SGATSite, sgat_transform_input
 from .tac import TACMap, apply_tac, mask_ratio_bucket
 
-__all__ = ["SGAT_BUFFERS", "TAC_BUFFERS", "TokenStateTracker", "attach_runtime", "detach_runtime", "activation_bits"]
+__all__ = [
+    "SGAT_BUFFERS", "TAC_BUFFERS", "TokenStateTracker", "attach_runtime", "detach_runtime", "activation_bits",
+    "sequence_mask_ratio",
+]
 
 SGAT_BUFFERS = ("sgat_shift", "sgat_clip", "sgat_compensation")
 TAC_BUFFERS = ("tac_matrices", "tac_offsets")
 _HANDLES = "_starquant_runtime_handles"
+
+
+def sequence_mask_ratio(token_states: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sequence [batch]: the fraction of its real (non-padding) tokens that are masked; TAC's
+    bucket is chosen from it. `token_states` [batch, seq] (1 = masked), `real` [batch, seq] bool."""
+    if real is None:
+        real = torch.ones_like(token_states, dtype=torch.bool)
+    return (token_states.bool() & real).sum(1) / real.sum(1).clamp(min=1)
 
 
 @dataclass
@@ -40,10 +51,8 @@ class TokenStateTracker:
         if token_states is None:
             self.mask_ratio = None
             return
-        real = torch.ones_like(token_states, dtype=torch.bool)
-        if attention_bias is not None:
-            real = attention_bias[:, 0, 0, :] == 0
-        self.mask_ratio = (token_states.bool() & real).sum(1) / real.sum(1).clamp(min=1)
+        real = attention_bias[:, 0, 0, :] == 0 if attention_bias is not None else None
+        self.mask_ratio = sequence_mask_ratio(token_states, real)
 
 
 def activation_bits(module: nn.Module) -> int | None:

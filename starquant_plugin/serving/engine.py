@@ -159,8 +159,15 @@ class DiffusionLLM:
         return torch.tensor(self.llm.collective_rpc("starquant_logits", args=(input_ids, attention_mask))[0])
 
     def model_info(self) -> dict:
-        """Loaded model class and dtype on rank 0."""
+        """Loaded model class, dtype, quantization method and block linear methods on rank 0."""
         return self.llm.collective_rpc("starquant_model_info")[0]
+
+    def tensors(self, names: list[str]) -> list[dict]:
+        """Named model parameters as loaded, one dict of float32 tensors per tensor-parallel rank."""
+        import torch
+
+        per_rank = self.llm.collective_rpc("starquant_tensors", args=(names,))
+        return [{name: torch.tensor(values) for name, values in rank.items()} for rank in per_rank]
 
     def close(self) -> None:
         """Stop the engine's processes (also done at interpreter exit)."""

@@ -18,9 +18,12 @@ def _init_cpu_amx() -> None:
 
 
 def register() -> None:
-    """Register LLaDA (config with transformers, model with vLLM) and set up this process."""
+    """Register LLaDA (config with transformers, model with vLLM), the `starquant`
+    quantization method, and set up this process."""
     import starquant_plugin  # noqa: F401  (registers LLaDAConfig with transformers' AutoConfig)
     from vllm import ModelRegistry
+
+    from .quantization import config  # noqa: F401  (registers the `starquant` quantization method)
 
     _init_cpu_amx()
     if LLADA_ARCHITECTURE not in ModelRegistry.get_supported_archs():

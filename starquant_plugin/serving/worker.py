@@ -41,10 +41,27 @@ class DiffusionWorkerExtension:
             return model.diffusion_logits(ids, mask).float().cpu().tolist()
 
     def starquant_model_info(self) -> dict:
-        """What the worker loaded: model class and dtype.
+        """What the worker loaded: model class, dtype, quantization method, and the linear
+        method of every block linear (by name).
 
         (Parameter bytes would mislead: on CPU, vLLM repacks unquantized linear weights for
         oneDNN and leaves empty parameters behind.)
         """
         model = self.model_runner.get_model()
-        return {"class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)}
+        linears = {}
+        for name, module in model.named_modules():
+            method = getattr(module, "quant_method", None)
+            if ".blocks." in name and method is not None:
+                inner = getattr(method, "inner", None)
+                linears[name] = type(method).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
+        return {
+            "class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype),
+            "quantization": self.vllm_config.model_config.quantization,
+            "linear_methods": linears,
+        }
+
+    def starquant_tensors(self, names: list[str]) -> dict[str, list]:
+        """Named parameters of this rank, as nested lists (tests check what was loaded)."""
+        parameters = dict(self.model_runner.get_model().named_parameters())
+        return {name: parameters[name].detach().float().cpu().tolist() for name in names}

@@ -29,6 +29,9 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from ..quantization.context import token_context
+
+from ...diffusion.masking import token_states as token_states_from_ids
 from ...models.llada.configuration_llada import LLaDAConfig
 from ...models.llada.modeling_llada import (
     LLaDARMSNorm,
@@ -215,7 +218,8 @@ class LLaDAForDiffusionLM(nn.Module, SupportsQuant):
         """Flattened tokens [tokens] scored as one canvas -> hidden states [tokens, d_model]."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        return self.hidden_states(inputs_embeds[None], positions[None], attention_mask=None)[0]
+        ids = input_ids[None] if input_ids is not None else None
+        return self.hidden_states(ids, inputs_embeds[None], positions[None], attention_mask=None)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.model.transformer.ff_out, hidden_states)
@@ -225,15 +229,29 @@ class LLaDAForDiffusionLM(nn.Module, SupportsQuant):
 
     # -- diffusion -----------------------------------------------------------------------------
     def hidden_states(
-        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """inputs_embeds [batch, seq, d_model], positions [batch, seq] -> final-norm hidden states."""
+        """inputs_embeds [batch, seq, d_model], positions [batch, seq] -> final-norm hidden states.
+
+        The token states (masked or not, from `input_ids`) are published for the duration of
+        the forward: STaR-Quant's linear method selects its per-state tensors with them.
+        """
         transformer = self.model.transformer
         bias = padding_attention_bias(attention_mask, inputs_embeds.dtype) if attention_mask is not None else None
         position_embeddings = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        if input_ids is None:
+            states = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        else:
+            states = token_states_from_ids(input_ids, self.config.mask_token_id).long()
+        real = attention_mask.bool() if attention_mask is not None else None
         hidden = inputs_embeds
-        for block in transformer.blocks:
-            hidden = block(hidden, bias, position_embeddings)
+        with token_context(states, real):
+            for block in transformer.blocks:
+                hidden = block(hidden, bias, position_embeddings)
         return transformer.ln_f(hidden)
 
     def diffusion_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -242,6 +260,6 @@ class LLaDAForDiffusionLM(nn.Module, SupportsQuant):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = positions_from_attention_mask(attention_mask)
-        hidden = self.hidden_states(self.embed_input_ids(input_ids), positions, attention_mask)
+        hidden = self.hidden_states(input_ids, self.embed_input_ids(input_ids), positions, attention_mask)
         logits = self.compute_logits(hidden.reshape(batch * seq, -1))
         return logits.view(batch, seq, -1)

@@ -1,0 +1,218 @@
+"""The `starquant` quantization method for vLLM: compressed-tensors plus SGAT and TAC.
+
+`StarQuantConfig` subclasses vLLM's `CompressedTensorsConfig`, so the checkpoint's
+`quantization_config` is parsed, and each layer's scheme and integer kernel chosen, exactly
+as for a plain compressed-tensors checkpoint. It claims a checkpoint automatically when the
+model config carries a `starquant_config` block (`override_quantization_method`); plain
+compressed-tensors checkpoints keep vLLM's stock path.
+
+For every linear of a LLaDA block it wraps the layer's compressed-tensors method in
+`StarQuantLinearMethod`, which adds the STaR-Quant tensors of the checkpoint
+(`docs/checkpoint-format.md`) and computes, per token state s:
+
+    x  <- blockdiag(A_k) x + c_k                       (attn_out only, TAC; k = mask-ratio bucket)
+    x  <- x * D_online                                 (only where D could not be folded)
+    codes, scales <- sgat_quantize(x, s)               (shift, block-Hadamard, clipped per-token int)
+    y  <- kernel(codes * scales) + compensation[s]     (the scheme's own integer kernel)
+
+The scheme's kernel re-quantizes its input per token with absmax / qmax; on the grid
+`codes * scales` that gives back exactly `codes` and `scales` (the clipped row maximum sits
+on the largest code), so the per-state clip reaches the integer GEMM unchanged.
+Under tensor parallelism the column-parallel layers hold their slice of the compensation;
+row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
+quantize each rank's input slice per token, as vLLM's kernels do.
+"""
+
+import re
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from ...checkpoint.config import StarQuantConfig as StarQuantBlock
+from ...quantization.hadamard import rotation_block_for
+from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
+from .context import current_token_context
+
+__all__ = ["STARQUANT_METHOD", "StarQuantConfig", "StarQuantLinearMethod"]
+
+STARQUANT_METHOD = "starquant"
+# Linears of a LLaDA block in the vLLM model (q/k/v and gate/up fused).
+_BLOCK_LINEAR = re.compile(r"\.blocks\.\d+\.(qkv_proj|attn_out|gate_up_proj|ff_out)$")
+
+
+def _starquant_block(hf_config) -> StarQuantBlock | None:
+    block = getattr(hf_config, "starquant_config", None)
+    if block is None:
+        return None
+    return StarQuantBlock.model_validate(block if isinstance(block, dict) else dict(block))
+
+
+@register_quantization_config(STARQUANT_METHOD)
+class StarQuantConfig(CompressedTensorsConfig):
+    """compressed-tensors + STaR-Quant (SGAT, TAC); see the module docstring."""
+
+    def get_name(self) -> str:
+        return STARQUANT_METHOD
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None):
+        if hf_config is None or getattr(hf_config, "starquant_config", None) is None:
+            return None
+        if hf_quant_cfg.get("quant_method") != "compressed-tensors" or user_quant not in (None, STARQUANT_METHOD):
+            return None
+        return STARQUANT_METHOD
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        method = super().get_quant_method(layer, prefix)
+        if not _BLOCK_LINEAR.search(prefix) or not isinstance(method, LinearMethodBase):
+            return method
+        from vllm.config import get_current_vllm_config
+
+        config = get_current_vllm_config().model_config.hf_config
+        block = _starquant_block(config)
+        if block is None:
+            return method
+        name = _BLOCK_LINEAR.search(prefix).group(1)
+        scheme = self.get_scheme_dict(layer, layer_name=prefix)
+        activations = scheme.get("input_activations") if scheme else None
+        if activations is not None and not (activations.dynamic and str(getattr(activations.strategy, "value", activations.strategy)) == "token"):
+            raise ValueError(
+                f"{prefix}: STaR-Quant needs dynamic per-token activation quantization, got "
+                f"strategy={activations.strategy} dynamic={activations.dynamic}"
+            )
+        return StarQuantLinearMethod(
+            method,
+            block,
+            activation_bits=activations.num_bits if activations is not None else None,
+            tac=block.tac is not None and name == "attn_out",
+            # D is folded upstream except at the attention output under GQA (core mappings).
+            online_smoothing=name == "attn_out" and config.n_kv_heads != config.n_heads,
+        )
+
+
+def _sharded_loader(dim: int):
+    """Loads this rank's slice along `dim` (row-parallel inputs are split across ranks)."""
+
+    def load(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = param.shape[dim]
+        if loaded.shape[dim] % size:
+            raise ValueError(f"STaR-Quant tensor of shape {tuple(loaded.shape)} cannot be split into slices of {size}")
+        param.data.copy_(loaded.narrow(dim, get_tensor_model_parallel_rank() * size, size))
+
+    return load
+
+
+def _output_shard(layer, shard_id, width: int) -> tuple[int, int, int]:
+    """(offset in the local fused output, size, index of the rank's slice in the loaded tensor)."""
+    if isinstance(layer, QKVParallelLinear):
+        q_size, kv_size = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
+        if shard_id == "q":
+            return 0, q_size, layer.tp_rank
+        kv_index = layer.tp_rank // layer.num_kv_head_replicas
+        return (q_size if shard_id == "k" else q_size + kv_size), kv_size, kv_index
+    if isinstance(layer, MergedColumnParallelLinear):
+        sizes = [size // layer.tp_size for size in layer.output_sizes]
+        return sum(sizes[:shard_id]), sizes[shard_id], layer.tp_rank
+    return 0, width, layer.tp_rank
+
+
+def _compensation_loader(layer):
+    def load(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if isinstance(layer, RowParallelLinear):
+            param.data.copy_(loaded)  # output not split; added once (rank 0)
+            return
+        shard_id = shard_id if shard_id is not None else getattr(loaded, "shard_id", None)
+        offset, size, index = _output_shard(layer, shard_id, param.shape[1])
+        param.data[:, offset:offset + size].copy_(loaded.narrow(1, index * size, size))
+
+    return load
+
+
+def _replicated_loader(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    # Fused column layers get the same tensor once per part (q/k/v share one SGAT site).
+    param.data.copy_(loaded)
+
+
+@register_weight_loader_v2_supported_method
+class StarQuantLinearMethod(LinearMethodBase):
+    """A compressed-tensors (or unquantized) linear method with SGAT/TAC around it."""
+
+    def __init__(self, inner: LinearMethodBase, block: StarQuantBlock, activation_bits: int | None,
+                 tac: bool, online_smoothing: bool):
+        self.inner = inner
+        self.block = block
+        self.activation_bits = activation_bits
+        self.sgat = block.sgat is not None
+        self.tac = tac
+        self.online_smoothing = online_smoothing and self.sgat
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        self.inner.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                  output_size, params_dtype, **extra_weight_attrs)
+        row_parallel = isinstance(layer, RowParallelLinear)
+        input_loader = _sharded_loader(1) if row_parallel else _replicated_loader
+
+        def add(name: str, shape: tuple, loader) -> None:
+            param = Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, {"weight_loader": loader})
+
+        if self.sgat:
+            width = input_size_per_partition
+            self.rotation_block = rotation_block_for(input_size, self.block.sgat.rotation_block_size)
+            if self.rotation_block and width % self.rotation_block:
+                raise ValueError(
+                    f"{layer.prefix}: tensor-parallel input slice {width} is not a multiple of the SGAT rotation "
+                    f"block {self.rotation_block}"
+                )
+            add("sgat_shift", (2, width), input_loader)
+            add("sgat_clip", (2,), _replicated_loader)
+            add("sgat_compensation", (2, sum(output_partition_sizes)), _compensation_loader(layer))
+            if self.online_smoothing:
+                add("sgat_smoothing", (width,), _sharded_loader(0) if row_parallel else _replicated_loader)
+        if self.tac:
+            b, buckets = self.block.tac.block_size, self.block.tac.num_buckets
+            if input_size_per_partition % b:
+                raise ValueError(f"{layer.prefix}: TAC block {b} does not divide the input slice {input_size_per_partition}")
+            add("tac_matrices", (buckets, input_size_per_partition // b, b, b), _sharded_loader(1))
+            add("tac_offsets", (buckets, input_size_per_partition), _sharded_loader(1))
+
+    def process_weights_after_loading(self, layer) -> None:
+        self.inner.process_weights_after_loading(layer)
+        self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        context = current_token_context()
+        if self.tac:
+            buckets = context.buckets(self.block.tac.num_buckets)
+            x = torch.ops.starquant.tac(x, buckets, layer.tac_matrices.to(x.dtype), layer.tac_offsets.to(x.dtype))
+        if self.sgat:
+            if self.online_smoothing:
+                x = x * layer.sgat_smoothing.to(x.dtype)
+            if self.activation_bits is not None:
+                codes, scales = torch.ops.starquant.sgat_quantize(
+                    x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
+                )
+                x = (codes.float() * scales).to(x.dtype)
+            else:
+                from ...quantization.sgat import SGATSite, sgat_transform_input
+
+                site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
+                x = sgat_transform_input(x, context.states, site)
+        output = self.inner.apply(layer, x, bias)
+        if self.sgat and self.add_compensation:
+            output = output + layer.sgat_compensation.to(output.dtype)[context.states]
+        return output

@@ -1,0 +1,52 @@
+"""`torch.ops.starquant.*`: the fused SGAT quantize op and the TAC op against the core maths."""
+
+import torch
+
+from starquant_plugin.quantization.quantizers import fake_quantize_per_token
+from starquant_plugin.quantization.sgat import SGATSite, sgat_transform_input
+from starquant_plugin.quantization.tac import TACMap, apply_tac
+from starquant_plugin.serving.quantization import ops  # noqa: F401  (registers the ops)
+
+
+def _inputs(tokens=12, width=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=g) * 3
+    states = (torch.rand(tokens, generator=g) < 0.5).long()
+    shift = torch.randn(2, width, generator=g)
+    clip = torch.tensor([0.9, 0.7])
+    return x, states, shift, clip
+
+
+def test_sgat_quantize_equals_core_transform_then_clipped_per_token_quantizer():
+    x, states, shift, clip = _inputs()
+    codes, scales = torch.ops.starquant.sgat_quantize(x, states, shift, clip, 32, 8)
+    assert codes.dtype == torch.int8 and scales.shape == (12, 1)
+    transformed = sgat_transform_input(x, states, SGATSite(torch.ones(64), shift, clip, 32))
+    expected = fake_quantize_per_token(transformed, 8, clip[states][:, None])
+    torch.testing.assert_close(codes.float() * scales, expected)
+    # The clipped row maximum sits on the largest code, so a downstream absmax/127 quantizer
+    # (vLLM's dynamic int8 kernels) recovers exactly these codes and scales.
+    assert (codes.abs().amax(1) == 127).all()
+    dequantized = codes.float() * scales
+    requantized = torch.round(dequantized / (dequantized.abs().amax(1, keepdim=True) / 127))
+    assert torch.equal(requantized, codes.float())
+
+
+def test_tac_op_equals_core_apply_tac():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 64, generator=g)
+    buckets = torch.randint(0, 2, (10,), generator=g)
+    matrices, offsets = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 64, generator=g)
+    got = torch.ops.starquant.tac(x, buckets, matrices, offsets)
+    torch.testing.assert_close(got, apply_tac(x, TACMap(matrices, offsets), buckets))
+
+
+def test_ops_have_fake_implementations_for_tracing():
+    x, states, shift, clip = _inputs()
+    torch.library.opcheck(torch.ops.starquant.sgat_quantize.default, (x, states, shift, clip, 32, 8))
+    g = torch.Generator().manual_seed(2)
+    torch.library.opcheck(
+        torch.ops.starquant.tac.default,
+        (torch.randn(6, 32, generator=g), torch.zeros(6, dtype=torch.long), torch.randn(1, 2, 16, 16, generator=g),
+         torch.randn(1, 32, generator=g)),
+    )

@@ -1,0 +1,156 @@
+"""STaR-Quant checkpoints served by vLLM through the `starquant` quantization method.
+
+Checkpoints are written by the real compress side: `starquant quantize` from the compress
+environment (`.venv/compress`, built by `make test` before this suite runs). Outputs are
+compared with the core's fake-quant reload of the same checkpoint.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from starquant_plugin.assets import SHIPPED_EVAL_SET, SHIPPED_MODEL
+from starquant_plugin.evaluation import load_tasks
+from starquant_plugin.models import load_llada
+from starquant_plugin.quantization.runtime import attach_runtime
+from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
+
+pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
+
+from starquant_plugin.serving import DiffusionLLM  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPRESS_CLI = Path(os.environ.get("STARQUANT_COMPRESS_CLI", ROOT / ".venv" / "compress" / "bin" / "starquant"))
+
+
+def quantize(model_dir: Path, recipe: str, output: Path, *extra: str) -> Path:
+    assert COMPRESS_CLI.is_file(), f"the compress environment is needed to write checkpoints: {COMPRESS_CLI} (make setup)"
+    done = subprocess.run(
+        [str(COMPRESS_CLI), "quantize", str(model_dir), "--recipe", str(ROOT / "recipes" / recipe),
+         "--output", str(output), *extra],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def shipped_checkpoints(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("starquant")
+    return {bits: quantize(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits) for bits in ("w8a8", "w4a8")}
+
+
+def fixed_canvases(tokenizer, mask_token_id: int):
+    """Prompts of different lengths, answers partly decoded: both token states, left padding."""
+    examples = load_tasks(SHIPPED_EVAL_SET)[:16]
+    batch = tokenizer([e.prompt for e in examples], padding=True, return_tensors="pt")
+    answers = torch.full((len(examples), 5), mask_token_id)
+    answers[8:, :3] = tokenizer("123", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    input_ids = torch.cat([batch["input_ids"], answers], 1)
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(answers)], 1)
+    return input_ids, attention_mask
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().mean() / expected.abs().mean())
+
+
+def strip_sgat(model) -> None:
+    for module in model.modules():
+        for name in ("sgat_shift", "sgat_clip", "sgat_compensation"):
+            if hasattr(module, name):
+                delattr(module, name)
+    attach_runtime(model)
+
+
+# vLLM's int8 GEMM is not exact on every CPU: on AVX2 (no VNNI) oneDNN halves the int8
+# weights to avoid int16 saturation, which costs ~1-2% per linear (measured in docs/serving.md).
+TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02}
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoints, bits):
+    directory = shipped_checkpoints[bits]
+    model, tokenizer = load_llada(directory)
+    input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
+    real = attention_mask.bool()
+    with DiffusionLLM(directory) as llm:
+        info = llm.model_info()
+        got = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
+        loaded = llm.tensors(["model.transformer.blocks.0.qkv_proj.sgat_compensation",
+                              "model.transformer.blocks.1.attn_out.tac_matrices"])[0]
+    assert info["quantization"] == "starquant"
+    assert set(info["linear_methods"].values()) == {"StarQuantLinearMethod(CompressedTensorsLinearMethod)"}
+    assert len(info["linear_methods"]) == 4 * model.config.n_layers
+    block0 = model.model.transformer.blocks[0]
+    expected_compensation = torch.cat([block0.q_proj.sgat_compensation, block0.k_proj.sgat_compensation,
+                                       block0.v_proj.sgat_compensation], 1)
+    torch.testing.assert_close(loaded["model.transformer.blocks.0.qkv_proj.sgat_compensation"], expected_compensation)
+    torch.testing.assert_close(loaded["model.transformer.blocks.1.attn_out.tac_matrices"],
+                               model.model.transformer.blocks[1].attn_out.tac_matrices)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+        strip_sgat(model)
+        without_sgat = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    error = relative_error(got, expected)
+    assert error < TOLERANCE[bits], f"vLLM vs core fake-quant: mean relative logit error {error:.4f}"
+    # The rotated weights are meaningless without SGAT's input transform: vLLM must apply it.
+    assert relative_error(got, without_sgat) > 20 * error
+
+
+# vLLM's W4A8 CPU kernel is slow on AVX2 machines (248 s for 500 examples vs 30 s for the
+# core's fake-quant, docs/serving.md): W4A8 is scored on the first 100 examples here.
+@pytest.mark.parametrize("bits, limit", [("w8a8", 500), ("w4a8", 100)])
+def test_vllm_exact_match_within_one_point_of_the_core(shipped_checkpoints, bits, limit, tmp_path):
+    from starquant_plugin.cli import main
+
+    scores = {}
+    for backend in ("core", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["eval", str(shipped_checkpoints[bits]), "--backend", backend, "--batch-size", "100",
+                     "--limit", str(limit), "--json", str(out)]) == 0
+        scores[backend] = json.loads(out.read_text())["exact_match"]
+    assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
+
+
+def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
+    """GQA puts SGAT's smoothing online at the attention output; TP=2 splits every STaR-Quant tensor."""
+    config = tiny_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=512)
+    directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=11))
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
+    output = quantize(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
+                      "--num-samples", "16")
+    model, tokenizer = load_llada(output)
+    assert hasattr(model.model.transformer.blocks[0].attn_out, "sgat_smoothing")
+    batch = tokenizer(["abc1=", "hello there", "q"], padding=True, return_tensors="pt")
+    masks = torch.full((3, 6), model.config.mask_token_id)
+    input_ids = torch.cat([batch["input_ids"], masks], 1)
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(masks)], 1)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    with torch.no_grad():
+        for block in model.model.transformer.blocks:
+            del block.attn_out.sgat_smoothing
+        attach_runtime(model)
+        without_smoothing = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    logits = {}
+    for tp in (1, 2):
+        with DiffusionLLM(output, tensor_parallel_size=tp) as llm:
+            logits[tp] = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
+    error = relative_error(logits[1], expected)
+    # vLLM's W4A8 CPU kernel is itself ~5-9% off exact int math on random-weight models (also
+    # without STaR-Quant: plain RTN W4A8 measured 9%), so the bound is loose; what must hold is
+    # that vLLM applies the online smoothing (dropping it is far worse) and that TP=2 agrees.
+    assert error < 0.10, error
+    assert relative_error(logits[1], without_smoothing) > 2 * error
+    # TP=2 quantizes each rank's half of a row-parallel input per token: close, not identical.
+    assert relative_error(logits[2], logits[1]) < 0.05
