@@ -1,5 +1,6 @@
 """`torch.ops.starquant.*`: the fused SGAT quantize op and the TAC op against the core maths."""
 
+import pytest
 import torch
 
 from starquant_plugin.quantization.quantizers import fake_quantize_per_token
@@ -50,3 +51,44 @@ def test_ops_have_fake_implementations_for_tracing():
         (torch.randn(6, 32, generator=g), torch.zeros(6, dtype=torch.long), torch.randn(1, 2, 16, 16, generator=g),
          torch.randn(1, 32, generator=g)),
     )
+
+
+TRITON_CHECK = """
+import pytest
+import torch
+from starquant_plugin.serving.quantization import ops
+from starquant_plugin.serving.quantization.triton_ops import sgat_quantize_triton, tac_triton
+assert ops.TRITON_KERNELS
+for dtype in (torch.float32, torch.float16):
+    for width, block in ((64, 32), (256, 128), (96, 32), (96, 0)):
+        g = torch.Generator().manual_seed(width + block)
+        x = (torch.randn(12, width, generator=g) * 3).to(dtype)
+        states = (torch.rand(12, generator=g) < 0.5).long()
+        shift, clip = torch.randn(2, width, generator=g), torch.tensor([0.9, 0.7])
+        codes, scales = sgat_quantize_triton(x, states, shift, clip, block, 8)
+        expected_codes, expected_scales = torch.ops.starquant.sgat_quantize(x.float(), states, shift, clip, block, 8)
+        assert torch.equal(codes, expected_codes), (dtype, width, block, int((codes != expected_codes).sum()))
+        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+    x = torch.randn(10, 64, generator=g).to(dtype)
+    buckets = torch.randint(0, 2, (10,), generator=g)
+    matrices, offsets = torch.randn(2, 4, 16, 16, generator=g).to(dtype), torch.randn(2, 64, generator=g).to(dtype)
+    got = tac_triton(x, buckets, matrices, offsets)
+    assert got.dtype == dtype
+    expected = torch.ops.starquant.tac(x.float(), buckets, matrices.float(), offsets.float())
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5 if dtype == torch.float32 else 1e-2)
+print("triton ok")
+"""
+
+
+def test_triton_kernels_match_the_torch_ops_in_the_interpreter():
+    """The CUDA kernels, run on CPU tensors by Triton's interpreter (fp32 and fp16)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton comes with the serve environment")
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0 and "triton ok" in done.stdout, done.stderr[-3000:]

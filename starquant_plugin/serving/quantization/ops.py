@@ -8,8 +8,9 @@ compilation can trace them (fake implementations give shapes and dtypes).
 - `tac(x, buckets, matrices, offsets) -> x`: the block-diagonal affine map of TAC per
   token's mask-ratio bucket (core `apply_tac`).
 
-The CPU implementation (also the fallback on any device) runs the core's torch code;
-a Triton implementation for CUDA is future work (issue 4).
+The default implementation (CPU, and any device without a better one) runs the core's
+torch code; on CUDA tensors the Triton kernels of `triton_ops.py` run when Triton is
+installed.
 """
 
 import torch
@@ -48,3 +49,16 @@ def tac(x: torch.Tensor, buckets: torch.Tensor, matrices: torch.Tensor, offsets:
 @tac.register_fake
 def _(x, buckets, matrices, offsets):
     return torch.empty_like(x)
+
+
+def _register_triton_kernels() -> bool:
+    try:
+        from .triton_ops import sgat_quantize_triton, tac_triton
+    except ImportError:  # no Triton: the torch implementation serves every device
+        return False
+    sgat_quantize.register_kernel("cuda")(sgat_quantize_triton)
+    tac.register_kernel("cuda")(tac_triton)
+    return True
+
+
+TRITON_KERNELS = _register_triton_kernels()
