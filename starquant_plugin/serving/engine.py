@@ -158,6 +158,13 @@ class DiffusionLLM:
             attention_mask = [[1] * len(row) for row in input_ids]
         return torch.tensor(self.llm.collective_rpc("starquant_logits", args=(input_ids, attention_mask))[0])
 
+    def block_outputs(self, input_ids: list[list[int]], attention_mask: list[list[int]]):
+        """Every block's output [batch, seq, d_model] (float32 tensors, rank 0) on fixed canvases."""
+        import torch
+
+        outputs = self.llm.collective_rpc("starquant_block_outputs", args=(input_ids, attention_mask))[0]
+        return [torch.tensor(output) for output in outputs]
+
     def model_info(self) -> dict:
         """Loaded model class, dtype, quantization method and block linear methods on rank 0."""
         return self.llm.collective_rpc("starquant_model_info")[0]

@@ -40,6 +40,22 @@ class DiffusionWorkerExtension:
         with torch.inference_mode():
             return model.diffusion_logits(ids, mask).float().cpu().tolist()
 
+    def starquant_block_outputs(self, input_ids: list[list[int]], attention_mask: list[list[int]]) -> list:
+        """Each block's output [batch, seq, d_model] on fixed canvases (per-layer agreement checks)."""
+        model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
+        outputs = []
+        hooks = [
+            block.register_forward_hook(lambda module, args, output: outputs.append(output.float().cpu()))
+            for block in model.model.transformer.blocks
+        ]
+        try:
+            with torch.inference_mode():
+                model.diffusion_logits(ids, mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [output.tolist() for output in outputs]
+
     def starquant_model_info(self) -> dict:
         """What the worker loaded: model class, dtype, quantization method, and the linear
         method of every block linear (by name).

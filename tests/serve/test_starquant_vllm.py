@@ -84,6 +84,7 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     with DiffusionLLM(directory) as llm:
         info = llm.model_info()
         got = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
+        block_outputs = llm.block_outputs(input_ids.tolist(), attention_mask.tolist())
         loaded = llm.tensors(["model.transformer.blocks.0.qkv_proj.sgat_compensation",
                               "model.transformer.blocks.1.attn_out.tac_matrices"])[0]
     assert info["quantization"] == "starquant"
@@ -95,10 +96,17 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     torch.testing.assert_close(loaded["model.transformer.blocks.0.qkv_proj.sgat_compensation"], expected_compensation)
     torch.testing.assert_close(loaded["model.transformer.blocks.1.attn_out.tac_matrices"],
                                model.model.transformer.blocks[1].attn_out.tac_matrices)
+    core_outputs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: core_outputs.append(o)) for b in model.model.transformer.blocks]
     with torch.no_grad():
         expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+        for hook in hooks:
+            hook.remove()
         strip_sgat(model)
         without_sgat = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    # Per layer: every block's output on the same fixed canvases.
+    layer_errors = [relative_error(v[real], c[real]) for v, c in zip(block_outputs, core_outputs, strict=True)]
+    assert max(layer_errors) < TOLERANCE[bits], f"per-block mean relative error {layer_errors}"
     error = relative_error(got, expected)
     assert error < TOLERANCE[bits], f"vLLM vs core fake-quant: mean relative logit error {error:.4f}"
     # The rotated weights are meaningless without SGAT's input transform: vLLM must apply it.
@@ -154,3 +162,19 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     assert relative_error(logits[1], without_smoothing) > 2 * error
     # TP=2 quantizes each rank's half of a row-parallel input per token: close, not identical.
     assert relative_error(logits[2], logits[1]) < 0.05
+
+
+def test_plain_compressed_tensors_checkpoint_keeps_the_stock_path(tmp_path):
+    """No starquant_config: vLLM's own compressed-tensors method serves it, unchanged."""
+    directory = quantize(SHIPPED_MODEL, "baselines/rtn_w8a8.yaml", tmp_path / "rtn")
+    model, tokenizer = load_llada(directory)
+    input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
+    real = attention_mask.bool()
+    with DiffusionLLM(directory) as llm:
+        info = llm.model_info()
+        got = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
+    assert info["quantization"] == "compressed-tensors"
+    assert set(info["linear_methods"].values()) == {"CompressedTensorsLinearMethod"}
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    assert relative_error(got, expected) < TOLERANCE["w8a8"]
