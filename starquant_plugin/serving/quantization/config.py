@@ -42,6 +42,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ...checkpoint.config import StarQuantConfig as StarQuantBlock
 from ...quantization.hadamard import rotation_block_for
+from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
 from .context import current_token_context
 
@@ -81,7 +82,9 @@ class StarQuantConfig(CompressedTensorsConfig):
         from vllm.config import get_current_vllm_config
 
         config = get_current_vllm_config().model_config.hf_config
-        block = _starquant_block(config)
+        if not hasattr(self, "_starquant"):  # parsed once, not once per layer
+            self._starquant = _starquant_block(config)
+        block = self._starquant
         if block is None:
             return method
         name = _BLOCK_LINEAR.search(prefix).group(1)
@@ -208,8 +211,6 @@ class StarQuantLinearMethod(LinearMethodBase):
                 )
                 x = (codes.float() * scales).to(x.dtype)
             else:
-                from ...quantization.sgat import SGATSite, sgat_transform_input
-
                 site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
                 x = sgat_transform_input(x, context.states, site)
         output = self.inner.apply(layer, x, bias)
