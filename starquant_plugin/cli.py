@@ -5,6 +5,8 @@
     starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
     starquant quantize [MODEL] --recipe RECIPE.yaml --output DIR [--dataset FILE] [--num-samples N] [--seed N]
     starquant serve [MODEL] [--port N] [--host H] [--tensor-parallel-size N]     (serve environment)
+    starquant bench [--shape shipped|llada-8b] [--layers N] [--canvas 256,512] [--batch 1,8]
+                    [--variants bf16,w8a8,...] [--json OUT] [--decoding]                 (serve environment)
 
 eval and generate take `--backend core|vllm` (vllm: the serve environment).
 
@@ -33,6 +35,21 @@ def _integer(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     return value
+
+
+def _integer_list(text: str) -> list[int]:
+    return [_integer(part) for part in text.split(",") if part]
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=_integer, default=1)
     serve.add_argument("--max-batch-size", type=_integer, default=64, help="prompts decoded together")
     serve.add_argument("--max-pending", type=_integer, default=256, help="waiting prompts before answering 503")
+
+    bench = commands.add_parser("bench", help="time and size the bf16 baseline and quantized variants on vLLM")
+    bench.add_argument("--shape", default="shipped", choices=["shipped", "llada-8b"],
+                       help="shipped: the shipped model; llada-8b: LLaDA-8B's shapes with random weights")
+    bench.add_argument("--layers", type=_integer, help="transformer blocks of --shape llada-8b (default 2)")
+    bench.add_argument("--canvas", type=_integer_list, default=[256, 512, 1024], help="canvas lengths, e.g. 256,512")
+    bench.add_argument("--batch", type=_integer_list, default=[1, 8], help="batch sizes, e.g. 1,8")
+    bench.add_argument("--variants", type=_name_list, default=None,
+                       help="comma-separated, from bf16,w8a8,starquant_w8a8,w4a8,starquant_w4a8,starquant_w4a8_head_w8a8 (default: all)")
+    bench.add_argument("--steps", type=_integer, default=5, help="timed denoising steps (the median is reported)")
+    bench.add_argument("--warmup", type=_integer, default=2, help="untimed steps first")
+    bench.add_argument("--full-lm-head", action="store_true",
+                       help="run the LM head on the whole canvas (the baseline of the windowed head)")
+    bench.add_argument("--json", type=Path, dest="json_out", help="write every figure as JSON here")
+    bench.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "starquant" / "bench",
+                       help="where the variants' checkpoints are written (and reused)")
+    bench.add_argument("--recipes", type=Path, help="recipes directory (default: the project's recipes/)")
+    bench.add_argument("--quantize-command", help="command that runs `starquant quantize` (default: found)")
+    bench.add_argument("--num-samples", type=_integer, default=64, help="calibration canvases per quantization")
+    bench.add_argument("--decoding", action="store_true",
+                       help="instead: decoding efficiency on the shipped model (thresholds vs fixed steps)")
+    bench.add_argument("--thresholds", type=_float_list, default=[0.7, 0.8, 0.9, 0.95])
+    bench.add_argument("--limit", type=_integer, default=200, help="--decoding: evaluation prompts")
 
     generate = commands.add_parser("generate", help="print the generation for one prompt")
     _add_model_argument(generate)
@@ -240,12 +280,45 @@ def run_quantize(args: argparse.Namespace) -> None:
     )
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        raise UsageError("bench needs vLLM: run it from the serve environment (.venv/serve)")
+    _vllm_logs_to_stderr()
+    from .bench import BenchSettings, format_decoding_table, format_table, run_bench as bench, run_decoding_bench
+
+    settings = BenchSettings(
+        shape=args.shape, layers=args.layers, canvases=args.canvas, batches=args.batch,
+        steps=args.steps, warmup=args.warmup, logits_window=not args.full_lm_head, work_dir=args.work_dir,
+        quantize_command=args.quantize_command.split() if args.quantize_command else None,
+        num_samples=args.num_samples,
+    )
+    if args.variants is not None:
+        settings.variants = args.variants
+    elif args.decoding:
+        settings.variants = ["bf16", "starquant_w4a8"]
+    if args.recipes is not None:
+        settings.recipes = args.recipes
+    if args.decoding:
+        report = run_decoding_bench(settings, args.thresholds, args.limit)
+        print(format_decoding_table(report))
+    else:
+        report = bench(settings)
+        print(format_table(report))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info(f"wrote {args.json_out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="INFO", format="<level>{level: <7}</level> {message}")
     try:
-        {"eval": run_eval, "generate": run_generate, "quantize": run_quantize, "serve": run_serve}[args.command](args)
+        {"eval": run_eval, "generate": run_generate, "quantize": run_quantize, "serve": run_serve,
+         "bench": run_bench}[args.command](args)
     except (UsageError, ValueError) as error:
         print(f"starquant {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -26,6 +26,6 @@ def trajectory_canvases(
         config = DiffusionSamplingConfig(gen_length=row.numel() - prompt_length)
         diffusion_generate(
             logits_fn, row[None, :prompt_length], mask_token_id, config,
-            trajectory_hook=lambda step: canvases.append(step.input_ids),
+            trajectory_hook=lambda step: canvases.append(step.input_ids), logits_window=True,
         )
     return canvases

@@ -10,7 +10,11 @@ every proposal whose confidence reaches it and at least one (Fast-dLLM parallel 
 Committed tokens are never re-masked.
 
 The model enters only as `logits_fn(input_ids, attention_mask) -> logits`, so the core
-(transformers) and the vLLM engine run the same decoding code.
+(transformers) and the vLLM engine run the same decoding code. A backend that can score
+part of the canvas (`logits_fn(..., window=(lo, hi))`, logits of positions lo..hi-1) may
+ask for `logits_window`: greedy low-confidence decoding then computes the LM head only
+from the first masked position to the end of the current block, the only positions a step
+can commit (elsewhere the sampler draws noise over the whole canvas, so it scores it all).
 """
 
 from collections.abc import Callable
@@ -173,10 +177,12 @@ def select_transfer(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Adapt a transformers LLaDA model to `logits_fn(input_ids, attention_mask)`."""
+    """Adapt a transformers LLaDA model to `logits_fn(input_ids, attention_mask[, window])`
+    (a window runs the LM head on its positions only: `logits_to_keep`)."""
 
-    def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, window=None) -> torch.Tensor:
+        keep = 0 if window is None else slice(*window)
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
 
     return logits_fn
 
@@ -188,12 +194,14 @@ def _guided_logits(
     prompt_positions: torch.Tensor,
     mask_token_id: int,
     cfg_scale: float,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
+    score = logits_fn if window is None else (lambda ids, mask: logits_fn(ids, mask, window=window))
     if cfg_scale == 0:
-        return logits_fn(canvas, attention_mask)
+        return score(canvas, attention_mask)
     unconditional = canvas.masked_fill(prompt_positions, mask_token_id)
     both_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    logits, uncond_logits = logits_fn(torch.cat([canvas, unconditional]), both_mask).chunk(2)
+    logits, uncond_logits = score(torch.cat([canvas, unconditional]), both_mask).chunk(2)
     return uncond_logits + (cfg_scale + 1) * (logits - uncond_logits)
 
 
@@ -205,6 +213,7 @@ def diffusion_generate(
     config: DiffusionSamplingConfig,
     attention_mask: torch.Tensor | None = None,
     trajectory_hook: Callable[[TrajectoryStep], None] | None = None,
+    logits_window: bool = False,
 ) -> DiffusionOutput:
     """Decode `gen_length` tokens after each (left-padded) prompt.
 
@@ -213,7 +222,10 @@ def diffusion_generate(
         input_ids: [batch, prompt_len] prompts, left-padded.
         attention_mask: [batch, prompt_len], 1 for prompt tokens, 0 for padding; None = no padding.
         trajectory_hook: called after every step with a `TrajectoryStep`.
+        logits_window: `logits_fn` also takes `window=(lo, hi)` and then returns logits
+            [b, hi - lo, vocab]; used where it cannot change the result (see the module docstring).
     """
+    windowed = logits_window and config.temperature == 0 and config.remasking == "low_confidence"
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -238,13 +250,20 @@ def diffusion_generate(
                 break  # schedule exhausted (only reachable if the caller altered the canvas)
             masked = canvas == mask_token_id
             mask_ratio = masked[:, prompt_len:].double().mean(dim=1)
+            # Only masked positions before the block's end can be committed.
+            lo = int(masked[:, :end].any(dim=0).nonzero()[0]) if windowed else 0
             logits = _guided_logits(
-                logits_fn, canvas, canvas_mask, prompt_positions, mask_token_id, config.cfg_scale
+                logits_fn, canvas, canvas_mask, prompt_positions, mask_token_id, config.cfg_scale,
+                window=(lo, end) if windowed else None,
             )
             if config.threshold is not None:
                 # A proposed mask token would commit nothing, and the block might never finish.
                 logits[..., mask_token_id] = float("-inf")
             proposal, confidence = propose_tokens(logits, config, generator)
+            if windowed:
+                proposal = torch.cat([canvas[:, :lo], proposal, canvas[:, end:]], dim=1)
+                outside = torch.full_like(canvas, float("-inf"), dtype=confidence.dtype)
+                confidence = torch.cat([outside[:, :lo], confidence, outside[:, end:]], dim=1)
             confidence[:, end:] = float("-inf")
             proposal = torch.where(masked, proposal, canvas)
             confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))

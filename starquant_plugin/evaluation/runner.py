@@ -62,6 +62,7 @@ def generate_texts(
         mask_token_id,
         sampling,
         attention_mask=batch["attention_mask"].to(device),
+        logits_window=True,
     )
     return tokenizer.batch_decode(output.generated.cpu(), skip_special_tokens=True)
 

@@ -29,9 +29,12 @@ class DiffusionSamplingParams(DiffusionSamplingConfig):
 
 @dataclass
 class DiffusionCompletion:
+    """One prompt's continuation; `steps` = denoising steps of the batch it was decoded in."""
+
     prompt: str
     text: str
     token_ids: list[int]
+    steps: int
 
 
 @contextmanager
@@ -127,11 +130,14 @@ class DiffusionLLM:
         for start in range(0, len(prompts), self.max_batch_size):
             chunk = prompts[start:start + self.max_batch_size]
             batch = self.tokenizer(chunk, padding=True)
-            generated = self.llm.collective_rpc(
+            result = self.llm.collective_rpc(
                 "starquant_diffusion_generate", args=(batch["input_ids"], batch["attention_mask"], asdict(params))
             )[0]
+            generated = result["generated"]
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            completions.extend(DiffusionCompletion(p, t, ids) for p, t, ids in zip(chunk, texts, generated))
+            completions.extend(
+                DiffusionCompletion(p, t, ids, result["steps"]) for p, t, ids in zip(chunk, texts, generated)
+            )
         return completions
 
     def validate(self, prompts: list[str], params: DiffusionSamplingConfig) -> None:
@@ -175,6 +181,18 @@ class DiffusionLLM:
 
         per_rank = self.llm.collective_rpc("starquant_tensors", args=(names,))
         return [{name: torch.tensor(values) for name, values in rank.items()} for rank in per_rank]
+
+    def bench_steps(self, batch: int, prompt_length: int, params: DiffusionSamplingParams, steps: int,
+                    warmup: int, logits_window: bool = True, seed: int = 0) -> dict:
+        """Per-step seconds of denoising random prompts (rank 0's clock); see the worker's method."""
+        return self.llm.collective_rpc(
+            "starquant_bench_steps", args=(batch, prompt_length, asdict(params), steps, warmup, logits_window, seed)
+        )[0]
+
+    def release_weights(self) -> dict:
+        """Resident weight bytes of rank 0 by part (lm_head, embedding, block.i), measured by freeing
+        them: the engine cannot decode afterwards."""
+        return self.llm.collective_rpc("starquant_release_weights")[0]
 
     def close(self) -> None:
         """Stop the engine's processes (also done at interpreter exit)."""

@@ -7,11 +7,33 @@ the LM head, so every rank sees the same logits and commits the same tokens. The
 the core's `diffusion_generate`, so vLLM decoding has exactly the core's semantics.
 """
 
+import ctypes
+import gc
+import os
+import time
+
 import torch
 
 from ..diffusion import DiffusionSamplingConfig, diffusion_generate
 
 __all__ = ["DiffusionWorkerExtension"]
+
+
+class _Timed(Exception):
+    """Raised by the benchmark's model call after its last timed step."""
+
+
+def _resident_bytes() -> int:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, or RSS would not drop
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _allocated_bytes() -> int:
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
 
 
 class DiffusionWorkerExtension:
@@ -25,14 +47,76 @@ class DiffusionWorkerExtension:
 
     def starquant_diffusion_generate(
         self, input_ids: list[list[int]], attention_mask: list[list[int]], sampling: dict
-    ) -> list[list[int]]:
-        """Left-padded prompts [batch, prompt_len] -> generated ids [batch, gen_length]."""
+    ) -> dict:
+        """Left-padded prompts [batch, prompt_len] -> {"generated": ids [batch, gen_length], "steps": int}."""
         model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
         with torch.inference_mode():
             output = diffusion_generate(
-                model.diffusion_logits, ids, model.config.mask_token_id, DiffusionSamplingConfig(**sampling), mask
+                model.diffusion_logits, ids, model.config.mask_token_id, DiffusionSamplingConfig(**sampling), mask,
+                logits_window=True,
             )
-        return output.generated.cpu().tolist()
+        return {"generated": output.generated.cpu().tolist(), "steps": output.steps}
+
+    def starquant_bench_steps(
+        self, batch: int, prompt_length: int, sampling: dict, steps: int, warmup: int, logits_window: bool, seed: int
+    ) -> dict:
+        """Seconds of `warmup + steps` denoising steps (model forward + the sampler's commit) on random
+        prompts of `prompt_length` tokens: {"seconds": [...], "threads": torch threads of this rank}.
+
+        A step is timed from one model call to the next, so it includes the sampler's work;
+        decoding stops after the last timed step.
+        """
+        model = self.model_runner.get_model()
+        config, device = model.config, next(model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size - 1, (batch, prompt_length), generator=generator)
+        ids[ids >= config.mask_token_id] += 1  # any token but the mask
+        sampling = DiffusionSamplingConfig(**sampling)
+        if sampling.steps < warmup + steps + 1:
+            raise ValueError(f"{warmup} warm-up + {steps} timed steps need a decoding of more than {sampling.steps} steps")
+        stamps = []
+
+        def timed(input_ids, attention_mask, window=None):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            if len(stamps) > warmup + steps:
+                raise _Timed
+            return model.diffusion_logits(input_ids, attention_mask, window)
+
+        with torch.inference_mode():
+            try:
+                diffusion_generate(timed, ids.to(device), config.mask_token_id, sampling, logits_window=logits_window)
+            except _Timed:
+                pass
+        seconds = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"seconds": seconds[warmup:], "threads": torch.get_num_threads()}
+
+    def starquant_release_weights(self) -> dict:
+        """Resident bytes of the weights, measured by releasing them: the drop in this process's
+        resident memory (CPU; allocated memory on GPU) when the LM head, the embedding and each block
+        are freed in turn. Counts what kernels keep (oneDNN's repacked weights, packed int4), which
+        parameter sizes do not. Leaves the model unusable: the engine's last call.
+        """
+        model = self.model_runner.get_model()
+        transformer = model.model.transformer
+        device = next(model.parameters()).device
+        measure = _allocated_bytes if device.type == "cuda" else _resident_bytes
+        released = {}
+        before = measure()
+
+        def release(name: str, drop) -> None:
+            nonlocal before
+            drop()
+            after = measure()
+            released[name] = before - after
+            before = after
+
+        release("lm_head", lambda: setattr(transformer, "ff_out", None))
+        release("embedding", lambda: setattr(transformer, "wte", None))
+        for index in range(len(transformer.blocks)):
+            release(f"block.{index}", lambda: transformer.blocks.__setitem__(index, torch.nn.Identity()))
+        return released
 
     def starquant_logits(self, input_ids: list[list[int]], attention_mask: list[list[int]]) -> list:
         """Logits [batch, seq, vocab] of fixed canvases, as nested float32 lists (for tests and checks)."""
@@ -64,17 +148,20 @@ class DiffusionWorkerExtension:
         oneDNN and leaves empty parameters behind.)
         """
         model = self.model_runner.get_model()
-        linears = {}
+        linears, codes_gemm = {}, []
         for name, module in model.named_modules():
             method = getattr(module, "quant_method", None)
             if ".blocks." in name and method is not None:
                 inner = getattr(method, "inner", None)
                 linears[name] = type(method).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
+                if getattr(method, "int8_codes_gemm", None) is not None:
+                    codes_gemm.append(name)
         return {
             "class": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype),
             "quantization": self.vllm_config.model_config.quantization,
             "linear_methods": linears,
+            "int8_codes_gemm": codes_gemm,  # layers whose SGAT codes go straight to the int8 GEMM
         }
 
     def starquant_tensors(self, names: list[str]) -> dict[str, list]:

@@ -198,3 +198,54 @@ def test_batched_left_padded_prompts_equal_one_by_one(tiny_checkpoint):
     for row, prompt in enumerate(prompts):
         alone = diffusion_generate(logits_fn, torch.tensor([prompt]), mask, settings)
         assert torch.equal(batched.generated[row], alone.generated[0])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(gen_length=8, steps=8, block_length=4),
+        dict(gen_length=12, steps=6, block_length=4),
+        dict(gen_length=8, block_length=4, threshold=0.3),
+        dict(gen_length=8, steps=4, cfg_scale=1.5),
+        dict(gen_length=8, steps=4, temperature=0.7, seed=3),
+        dict(gen_length=8, steps=4, remasking="random", seed=3),
+    ],
+)
+def test_logits_window_gives_the_full_canvas_result(settings):
+    """Scoring only where a step can commit changes nothing (greedy), and is not asked for otherwise."""
+    prompt = torch.tensor([[1, MASK, 3, 4], [0, 5, 6, 7]])  # a mask token inside the prompt is decodable
+    attention = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    windows = []
+
+    def windowed(input_ids, attention_mask=None, window=None):
+        windows.append(window)
+        logits = content_logits(input_ids)
+        return logits if window is None else logits[:, window[0]:window[1]]
+
+    config = DiffusionSamplingConfig(**settings)
+    full, recorded_full = [], []
+    reference = diffusion_generate(content_logits, prompt, MASK, config, attention, trajectory_hook=recorded_full.append)
+    output = diffusion_generate(windowed, prompt, MASK, config, attention, trajectory_hook=full.append, logits_window=True)
+    assert torch.equal(output.sequences, reference.sequences) and output.steps == reference.steps
+    assert all(torch.equal(a.committed, b.committed) for a, b in zip(full, recorded_full))
+    greedy = config.temperature == 0 and config.remasking == "low_confidence"
+    assert all((window is not None) == greedy for window in windows)
+    if greedy:
+        assert windows[0] == (1, 4 + config.block_length)  # from the prompt's mask token to the block's end
+        assert windows[-1][1] == 4 + config.gen_length and all(lo >= 1 for lo, _ in windows)
+
+
+def test_llada_logits_to_keep_runs_the_head_on_the_window_only(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    directory, config, _ = tiny_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.randint(0, config["vocab_size"] - 2, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 7:] = config["mask_token_id"]
+    full = model(input_ids=ids).logits
+    torch.testing.assert_close(hf_logits_fn(model)(ids, None, window=(5, 10)), full[:, 5:10])
+    assert model(input_ids=ids, logits_to_keep=3).logits.shape == (2, 3, config["embedding_size"])
+    settings = DiffusionSamplingConfig(gen_length=8, steps=8, block_length=4)
+    windowed = diffusion_generate(hf_logits_fn(model), ids[:, :6], config["mask_token_id"], settings, logits_window=True)
+    plain = diffusion_generate(hf_logits_fn(model), ids[:, :6], config["mask_token_id"], settings)
+    assert torch.equal(windowed.sequences, plain.sequences)

@@ -192,8 +192,13 @@ class LLaDAModel(nn.Module):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_to_keep: int | slice | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Returns (logits [batch, seq, embedding_size], hidden states per block input + final, or None)."""
+        """Returns (logits [batch, seq, embedding_size], hidden states per block input + final, or None).
+
+        `logits_to_keep` (transformers' convention): 0 = every position, N = the last N, or a
+        slice / index tensor of positions: the LM head runs on those only.
+        """
         transformer = self.transformer
         if inputs_embeds is None:
             inputs_embeds = transformer.wte(input_ids)
@@ -220,6 +225,9 @@ class LLaDAModel(nn.Module):
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
 
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        hidden_states = hidden_states[:, logits_to_keep]
         if self.config.weight_tying:
             logits = F.linear(hidden_states, transformer.wte.weight)
         else:
@@ -265,6 +273,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | slice | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids [batch, seq] -> logits [batch, seq, embedding_size].
@@ -273,6 +282,6 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         `position_ids`, positions count real tokens only.
         """
         logits, all_hidden_states = self.model(
-            input_ids, attention_mask, position_ids, inputs_embeds, bool(output_hidden_states)
+            input_ids, attention_mask, position_ids, inputs_embeds, bool(output_hidden_states), logits_to_keep
         )
         return CausalLMOutputWithPast(logits=logits, hidden_states=all_hidden_states)

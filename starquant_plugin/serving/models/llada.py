@@ -254,12 +254,20 @@ class LLaDAForDiffusionLM(nn.Module, SupportsQuant):
                 hidden = block(hidden, bias, position_embeddings)
         return transformer.ln_f(hidden)
 
-    def diffusion_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Canvases [batch, seq] (left padding hidden by `attention_mask`) -> logits [batch, seq, vocab]."""
-        batch, seq = input_ids.shape
+    def diffusion_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, window: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Canvases [batch, seq] (left padding hidden by `attention_mask`) -> logits [batch, seq, vocab].
+
+        With `window=(lo, hi)` the LM head runs on positions lo..hi-1 only: logits [batch, hi - lo, vocab]
+        (the sampler's `logits_window`; at LLaDA-8B's vocabulary the head costs as much as a few blocks).
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = positions_from_attention_mask(attention_mask)
         hidden = self.hidden_states(input_ids, self.embed_input_ids(input_ids), positions, attention_mask)
-        logits = self.compute_logits(hidden.reshape(batch * seq, -1))
+        if window is not None:
+            hidden = hidden[:, window[0]:window[1]]
+        batch, seq, width = hidden.shape
+        logits = self.compute_logits(hidden.reshape(batch * seq, width))
         return logits.view(batch, seq, -1)

