@@ -32,7 +32,7 @@ def recipe_table() -> dict[str, Path]:
     table = {}
     for bits in BITS:
         table[f"starquant_{bits}"] = RECIPES / f"starquant_{bits}.yaml"
-        for baseline in ("rtn", "gptq", "smoothquant"):
+        for baseline in ("rtn", "gptq", "smoothquant", "rotation"):
             table[f"{baseline}_{bits}"] = RECIPES / "baselines" / f"{baseline}_{bits}.yaml"
     for path in sorted((RECIPES / "ablations").glob("*.yaml")):
         table[path.stem] = path

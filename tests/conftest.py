@@ -92,3 +92,49 @@ def tiny_checkpoint(tmp_path) -> tuple[Path, dict, dict]:
     config = tiny_config()
     tensors = random_hub_tensors(config)
     return write_hub_checkpoint(tmp_path / "tiny-llada", config, tensors), config, tensors
+
+
+def oneshot_tiny(tmp: Path, recipe: str, seed: int) -> tuple[Path, torch.Tensor, tuple[torch.Tensor, ...], dict]:
+    """A tiny GQA checkpoint quantized by llm-compressor's `oneshot` with `recipe` (YAML text or
+    path) on masked calibration canvases (compress environment). Returns (output directory,
+    probe canvas [1, seq], (full-precision, in-memory quantized, in-memory with activation
+    quantization off) logits on the probe, config)."""
+    from compressed_tensors.quantization import disable_quantization
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
+
+    config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2)
+    directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=seed))
+    tokenizer = tiny_tokenizer(config)
+    records = [CalibrationRecord(f"abc{i}=", f"answer number {i}") for i in range(6)]
+    dataset = Dataset.from_list(masked_calibration_samples(tokenizer, records, config["mask_token_id"], 2))
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    probe = torch.tensor(dataset[3]["input_ids"])[None]
+    with torch.no_grad():
+        full_precision = model(probe).logits
+    output = tmp / "quantized"
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=12,
+            shuffle_calibration_samples=False, output_dir=str(output))
+    with torch.no_grad():
+        in_memory = model(probe).logits  # compressed-tensors' activation quantizer (our clip riding along)
+        model.apply(disable_quantization)
+        weights_only = model(probe).logits
+    return output, probe, (full_precision, in_memory, weights_only), config
+
+
+def reloaded_logits(directory: Path, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(logits, logits with activation quantization off, the int8-activation linears) of a
+    checkpoint reloaded by the core as fake-quant."""
+    from starquant_plugin.models import load_llada
+
+    model, _ = load_llada(directory)
+    linears = [m for m in model.modules() if getattr(m, "starquant_activation_bits", None) == 8]
+    with torch.no_grad():
+        logits = model(probe).logits
+        for linear in linears:
+            linear.starquant_activation_bits = None
+        weights_only = model(probe).logits
+    return logits, weights_only, linears

@@ -33,12 +33,14 @@ PROJECT = Path(__file__).resolve().parents[2]
 # variant -> recipe (relative to the recipes directory); bf16 is the unquantized checkpoint.
 VARIANTS = {
     "bf16": None,
+    "fp32": None,  # the same unquantized weights served in float32 (context where bf16 has no hardware support)
     "w8a8": "baselines/rtn_w8a8.yaml",
     "starquant_w8a8": "starquant_w8a8.yaml",
     "w4a8": "baselines/rtn_w4a8.yaml",
     "starquant_w4a8": "starquant_w4a8.yaml",
     "starquant_w4a8_head_w8a8": "starquant_w4a8_head_w8a8.yaml",  # + the LM head in W8A8 (memory)
 }
+DEFAULT_VARIANTS = ["bf16", "w8a8", "starquant_w8a8", "w4a8", "starquant_w4a8", "starquant_w4a8_head_w8a8"]
 NO_KERNEL = {"w4a4", "starquant_w4a4"}
 BLOCK_LENGTH = 32
 
@@ -49,7 +51,7 @@ class BenchSettings:
     layers: int | None = None
     canvases: list[int] = field(default_factory=lambda: [256, 512, 1024])
     batches: list[int] = field(default_factory=lambda: [1, 8])
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     steps: int = 5
     warmup: int = 2
     logits_window: bool = True
@@ -171,7 +173,8 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
     if too_long:
         raise ValueError(f"--canvas {too_long}: longer than the model's max_sequence_length {config['max_sequence_length']}")
     rows, threads = [], None
-    llm = DiffusionLLM(checkpoint, dtype="bfloat16", max_batch_size=max(settings.batches), max_model_len=max(settings.canvases))
+    dtype = "float32" if variant == "fp32" else "bfloat16"
+    llm = DiffusionLLM(checkpoint, dtype=dtype, max_batch_size=max(settings.batches), max_model_len=max(settings.canvases))
     try:
         for canvas in settings.canvases:
             gen_length = canvas // 2

@@ -13,7 +13,7 @@ from ..quantization.mappings import sgat_sites, tac_target
 from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime
 from .config import StarQuantConfig, describe_validation_error
 
-__all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config"]
+__all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config", "apply_online_transforms"]
 
 STARQUANT_SUFFIXES = (*SGAT_BUFFERS, "sgat_smoothing", *TAC_BUFFERS)
 
@@ -34,17 +34,56 @@ def parse_starquant_config(config: dict, source: Path) -> StarQuantConfig | None
     return parsed
 
 
-def read_starquant_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All STaR-Quant tensors of a single-file or sharded safetensors checkpoint."""
+def read_tensors(directory: Path, wanted) -> dict[str, torch.Tensor]:
+    """The tensors whose names satisfy `wanted(name)` in a single-file or sharded safetensors checkpoint."""
     index = directory / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     tensors = {}
     for name in files:
         with safe_open(directory / name, "pt") as f:
             for key in f.keys():
-                if key.rsplit(".", 1)[-1] in STARQUANT_SUFFIXES:
+                if wanted(key):
                     tensors[key] = f.get_tensor(key)
     return tensors
+
+
+def read_starquant_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All STaR-Quant tensors of a single-file or sharded safetensors checkpoint."""
+    return read_tensors(directory, lambda key: key.rsplit(".", 1)[-1] in STARQUANT_SUFFIXES)
+
+
+def apply_online_transforms(model: nn.Module, directory: Path, config: dict) -> bool:
+    """Re-attach a checkpoint's online rotations (compressed-tensors `transform_config`, as written
+    by llm-compressor's QuIP/SpinQuant modifiers), with the stored matrices. Weight-side
+    transforms are already fused into the saved weights and are not applied again.
+    transformers does neither; without it a rotated checkpoint computes garbage.
+    """
+    block = (config.get("quantization_config") or {}).get("transform_config") or {}
+    if not block.get("config_groups"):
+        return False
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    full = TransformConfig.model_validate(block)
+    online = {}
+    for name, scheme in full.config_groups.items():
+        args = [a for a in scheme.apply if a.is_online()]
+        unsupported = [str(a.location) for a in args if str(getattr(a.location, "value", a.location)) in ("q_attn", "k_cache")]
+        if unsupported:
+            raise ValueError(f"{directory}: transform_config.config_groups.{name}: attention transforms {unsupported} are not supported")
+        if args:
+            online[name] = scheme.model_copy(update={"apply": args})
+    if not online:
+        return False
+    apply_transform_config(model, TransformConfig(config_groups=online))
+    parameters = dict(model.named_parameters())
+    suffixes = tuple(f".{name}_{str(getattr(a.location, 'value', a.location))}." for name, s in online.items() for a in s.apply)
+    for key, tensor in read_tensors(directory, lambda k: any(suffix in k for suffix in suffixes)).items():
+        if key in parameters:  # one stored matrix per width; the parameter is shared by every layer of it
+            if parameters[key].shape != tensor.shape:
+                raise ValueError(f"{directory}: transform tensor {key} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(parameters[key].shape)}")
+            parameters[key].data.copy_(tensor.to(parameters[key].dtype))
+    return True
 
 
 def _expect(tensors: dict, name: str, shape: tuple, source: Path) -> torch.Tensor:
@@ -102,6 +141,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -
                 f"(dynamic={activations.dynamic}); only dynamic per-token activations are supported"
             )
         module.starquant_activation_bits = activations.num_bits
+    apply_online_transforms(model, directory, config)  # its input hooks run before the runtime's quantizers
     for module in model.modules():
         if getattr(module, "quantization_scheme", None) is not None:
             # compressed-tensors keeps a fake-quant forward wrapper on decompressed linears that

@@ -1,5 +1,7 @@
 """Orthonormal (block-)Hadamard rotations."""
 
+import functools
+
 import torch
 
 __all__ = ["hadamard_matrix", "block_hadamard"]
@@ -9,6 +11,12 @@ def hadamard_matrix(size: int, dtype: torch.dtype = torch.float32, device=None) 
     """Sylvester Hadamard matrix of a power-of-two `size`, scaled to be orthonormal."""
     if size <= 0 or size & (size - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {size}")
+    return _hadamard(size, dtype, torch.device(device) if device is not None else torch.device("cpu")).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Cached: the serving path rotates every linear's input at every step.
     matrix = torch.ones(1, 1, dtype=torch.float64)
     while matrix.shape[0] < size:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
@@ -23,7 +31,9 @@ def block_hadamard(x: torch.Tensor, block_size: int) -> torch.Tensor:
     dim = x.shape[-1]
     if dim % block_size:
         raise ValueError(f"rotation block size {block_size} does not divide the dimension {dim}")
-    matrix = hadamard_matrix(block_size, dtype=x.dtype, device=x.device)
+    if block_size <= 0 or block_size & (block_size - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {block_size}")
+    matrix = _hadamard(block_size, x.dtype, x.device)  # read only
     return (x.reshape(*x.shape[:-1], dim // block_size, block_size) @ matrix).reshape(x.shape)
 
 

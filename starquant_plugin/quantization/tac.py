@@ -86,7 +86,13 @@ def apply_tac(attention_output: torch.Tensor, tac: TACMap, buckets: torch.Tensor
     n_blocks, b = tac.matrices.shape[1], tac.block_size
     if buckets is None:
         buckets = torch.zeros(shape[:-1], dtype=torch.long, device=attention_output.device)
-    blocks = attention_output.reshape(*shape[:-1], n_blocks, b)
-    matrices = tac.matrices.to(attention_output.dtype)[buckets]  # [..., blocks, b, b]
-    mapped = (matrices @ blocks[..., None]).squeeze(-1).reshape(shape)
-    return mapped + tac.offsets.to(attention_output.dtype)[buckets]
+    blocks = attention_output.reshape(-1, n_blocks, b)
+    buckets = buckets.reshape(-1)
+    matrices = tac.matrices.to(attention_output.dtype)
+    # One batched matmul per bucket (blocks as the batch), never a [tokens, blocks, b, b] gather.
+    mapped = torch.empty_like(blocks)
+    for bucket in range(matrices.shape[0]):
+        rows = (buckets == bucket).nonzero().squeeze(-1)
+        if rows.numel():
+            mapped[rows] = torch.bmm(blocks[rows].transpose(0, 1), matrices[bucket].transpose(1, 2)).transpose(0, 1)
+    return mapped.reshape(shape) + tac.offsets.to(attention_output.dtype)[buckets].reshape(shape)

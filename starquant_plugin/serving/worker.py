@@ -154,14 +154,14 @@ class DiffusionWorkerExtension:
             if ".blocks." in name and method is not None:
                 inner = getattr(method, "inner", None)
                 linears[name] = type(method).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
-                if getattr(method, "int8_codes_gemm", None) is not None:
+                if getattr(method, "int8_codes_gemm", None) is not None or getattr(method, "int4_group", None):
                     codes_gemm.append(name)
         return {
             "class": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype),
             "quantization": self.vllm_config.model_config.quantization,
             "linear_methods": linears,
-            "int8_codes_gemm": codes_gemm,  # layers whose SGAT codes go straight to the int8 GEMM
+            "codes_gemm": codes_gemm,  # layers whose SGAT codes go straight into an integer GEMM (CPU)
         }
 
     def starquant_tensors(self, names: list[str]) -> dict[str, list]:

@@ -5,16 +5,12 @@ import shutil
 
 import pytest
 import torch
-from datasets import Dataset
-from llmcompressor import oneshot
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401
 from starquant_plugin.checkpoint import atomic_output_dir
-from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
 from starquant_plugin.models import load_llada
-from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
+from tests.conftest import oneshot_tiny, reloaded_logits
 
 RECIPE = """
 starquant_stage:
@@ -27,23 +23,7 @@ starquant_stage:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from compressed_tensors.quantization import disable_quantization
-
-    tmp = tmp_path_factory.mktemp("ckpt")
-    config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2)
-    directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=5))
-    tokenizer = tiny_tokenizer(config)
-    records = [CalibrationRecord(f"abc{i}=", f"answer number {i}") for i in range(6)]
-    dataset = Dataset.from_list(masked_calibration_samples(tokenizer, records, config["mask_token_id"], 2))
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
-    probe = torch.tensor(dataset[3]["input_ids"])[None]
-    output = tmp / "w8a8"
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=RECIPE, num_calibration_samples=12,
-            shuffle_calibration_samples=False, output_dir=str(output))
-    with torch.no_grad():
-        in_memory = model(probe).logits  # compressed-tensors' activation quantizer, with our clip riding along
-        model.apply(disable_quantization)
-        in_memory_weights_only = model(probe).logits
+    output, probe, (_, in_memory, in_memory_weights_only), config = oneshot_tiny(tmp_path_factory.mktemp("ckpt"), RECIPE, seed=5)
     return output, probe, (in_memory, in_memory_weights_only), config
 
 
@@ -64,15 +44,9 @@ def test_reload_matches_in_memory_model(quantized):
     """Weights, SGAT and TAC reload exactly; activation quantization is ours on reload (scale
     absmax/127, as the int8 kernels) and compressed-tensors' in memory (absmax/127.5)."""
     output, probe, (in_memory, in_memory_weights_only), _ = quantized
-    model, _ = load_llada(output)
-    linears = [m for m in model.modules() if getattr(m, "starquant_activation_bits", None) == 8]
+    reloaded, weights_only, linears = reloaded_logits(output, probe)
     assert len(linears) == 7 * 2
     assert all(m.quantization_enabled is False for m in linears)  # no second quantizer
-    with torch.no_grad():
-        reloaded = model(probe).logits
-        for linear in linears:
-            linear.starquant_activation_bits = None
-        weights_only = model(probe).logits
     torch.testing.assert_close(weights_only, in_memory_weights_only, atol=1e-5, rtol=1e-5)
     error = ((reloaded - in_memory).abs().mean() / in_memory.abs().mean()).item()
     assert 0 < error < 0.1  # measured 0.047 on this random-weight model

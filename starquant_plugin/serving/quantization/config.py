@@ -20,6 +20,12 @@ The scheme's kernel re-quantizes its input per token with absmax / qmax; on the 
 on the largest code), so the per-state clip reaches the integer GEMM unchanged. Where the
 kernel is vLLM's oneDNN int8 GEMM (CPU, W8A8) the codes and scales are handed to it
 directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`).
+
+W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torch's reference
+`_dyn_quant_matmul_4bit`, which keeps 2 bytes per weight and runs at under 1 GFLOP/s. The
+layer keeps its int4 weights packed instead (two per byte, torch's `_weight_int4pack_mm_for_cpu`
+layout, bf16 group scales) and multiplies the int8 codes (exact in bf16) by them, then
+scales each token's row: y = scale_t * (codes @ W_int4 * s_group).
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
 quantize each rank's input slice per token, as vLLM's kernels do.
@@ -197,7 +203,9 @@ class StarQuantLinearMethod(LinearMethodBase):
             add("tac_offsets", (buckets, input_size_per_partition), _sharded_loader(1))
 
     def process_weights_after_loading(self, layer) -> None:
-        self.inner.process_weights_after_loading(layer)
+        self.int4_group = _pack_cpu_int4(layer) if self.sgat and self.activation_bits == 8 else None
+        if self.int4_group is None:
+            self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
         self.int8_codes_gemm = _onednn_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
@@ -219,8 +227,11 @@ class StarQuantLinearMethod(LinearMethodBase):
                 codes, scales = torch.ops.starquant.sgat_quantize(
                     x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
                 )
-                if self.int8_codes_gemm is not None:
-                    output = _onednn_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype)
+                if self.int8_codes_gemm is not None or self.int4_group is not None:
+                    if self.int4_group is not None:
+                        output = _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
+                    else:
+                        output = _onednn_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype)
                     if self.add_compensation:
                         output = output + layer.sgat_compensation[context.states]
                     return output
@@ -255,3 +266,43 @@ def _onednn_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor,
     vllm_ops.onednn_scaled_mm(kernel.dnnl_handler, codes, output, scales.reshape(-1, 1).float().contiguous(),
                               None, azp_adj, bias)
     return output.reshape(*shape[:-1], kernel.dnnl_handler.n)
+
+
+_INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def _pack_cpu_int4(layer) -> int | None:
+    """Repack a CPU W4A8 layer's int4 weights (int8 values in [-8, 7]) two per byte with bf16
+    group scales, freeing vLLM's copies; returns the group size, or None where this path does
+    not apply (GPU, another kernel, unsupported shapes) and vLLM's kernel is kept."""
+    scheme = getattr(layer, "scheme", None)
+    if type(scheme).__name__ != "CompressedTensorsW4A8Int" or type(getattr(scheme, "kernel", None)).__name__ != "Dynamic4bitLinearKernel":
+        return None
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    weight, weight_scale = layer.weight_packed.data, layer.weight_scale.data
+    n, k = weight.shape
+    group = k // weight_scale.shape[1]
+    if group not in _INT4PACK_GROUPS or group * weight_scale.shape[1] != k or n % 8 or k % 64:
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight.int() + 8).contiguous(), 2)
+    scales = weight_scale.t().to(torch.bfloat16)  # [k / group, n]
+    # The kernel computes (q - 8) * scale + zero for the stored q = w + 8: zero 0 gives w * scale.
+    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
+    for name in ("weight", "weight_packed", "weight_scale"):
+        if name in layer._parameters:
+            layer._parameters[name] = None
+    layer.register_parameter("starquant_int4", Parameter(packed, requires_grad=False))
+    layer.register_parameter("starquant_int4_scales", Parameter(scales_and_zeros, requires_grad=False))
+    return group
+
+
+def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tensor, bias, dtype) -> torch.Tensor:
+    """int8 codes [..., k] with per-token scales [..., 1] times the packed int4 weights -> [..., n]."""
+    shape = codes.shape
+    rows = codes.reshape(-1, shape[-1]).to(torch.bfloat16)  # |codes| <= 127: exact in bf16
+    output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.starquant_int4, group, layer.starquant_int4_scales)
+    output = (output.float() * scales.reshape(-1, 1)).to(dtype)
+    if bias is not None:
+        output = output + bias
+    return output.reshape(*shape[:-1], output.shape[-1])

@@ -1,0 +1,66 @@
+"""W4A8 GEMM kernels on this CPU at a LLaDA-8B linear shape, side by side (serve environment).
+
+    OMP_NUM_THREADS=2 .venv/serve/bin/python examples/bench_w4a8_kernels.py [--n 4096 --k 4096 --tokens 512]
+
+- `vllm dynamic_4bit`: what vLLM's CompressedTensorsW4A8Int uses on CPU (torch
+  `_dyn_quant_matmul_4bit`; on x86 without KleidiAI a reference kernel);
+- `starquant int4pack`: the `starquant` method's CPU W4A8 path (torch `_weight_int4pack_mm_for_cpu`
+  on int8 codes in bf16, packed int4 weights, bf16 group scales);
+- `bf16 matmul` / `fp32 matmul`: the unquantized baselines.
+Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident bytes per weight.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--group", type=int, default=128)
+    args = parser.parse_args()
+    n, k, m, g = args.n, args.k, args.tokens, args.group
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int32)
+    scales = torch.rand(n, k // g, generator=generator) * 0.01
+    codes = torch.randint(-127, 128, (m, k), generator=generator)
+
+    uint4 = (weight + 8).to(torch.uint8)
+    dyn = torch.ops.aten._dyn_quant_pack_4bit_weight(uint4[:, 1::2] << 4 | uint4[:, ::2], scales.to(torch.bfloat16), None, g, k, n)
+    int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight + 8).contiguous(), 2)
+    scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).to(torch.bfloat16).contiguous()
+    dense = weight.float() * scales.repeat_interleave(g, 1)
+    rows = {
+        "vllm dynamic_4bit": (lambda: torch.ops.aten._dyn_quant_matmul_4bit(codes.float(), dyn, g, k, n), dyn),
+        "starquant int4pack": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            codes.to(torch.bfloat16), int4pack, g, scales_and_zeros), int4pack),
+        "bf16 matmul": (lambda: codes.to(torch.bfloat16) @ dense.to(torch.bfloat16).t(), dense.to(torch.bfloat16)),
+        "fp32 matmul": (lambda: codes.float() @ dense.t(), dense),
+    }
+    reference = codes.float() @ dense.t()
+    print(f"[{m} x {k}] @ [{k} x {n}], group {g}, {torch.get_num_threads()} threads")
+    print(f"{'kernel':<20} {'s/call':>8} {'GFLOP/s':>8} {'bytes/weight':>12} {'rel. error':>10}")
+    for name, (fn, resident) in rows.items():
+        seconds = timed(fn, repeats=1 if name.startswith("vllm") else 3)
+        error = ((fn().float() - reference).abs().mean() / reference.abs().mean()).item()
+        nbytes = resident.numel() * resident.element_size() + (scales_and_zeros.numel() * 2 if "int4pack" in name else 0)
+        print(f"{name:<20} {seconds:>8.3f} {2 * m * n * k / seconds / 1e9:>8.1f} {nbytes / (n * k):>12.3f} {error:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
