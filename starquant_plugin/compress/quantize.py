@@ -78,6 +78,9 @@ def quantize(
             dataset=Dataset.from_list(samples),
             recipe=str(recipe),
             num_calibration_samples=len(samples),
+            # Already shuffled with --seed; llm-compressor's own shuffle is unseeded, which made
+            # runs differ (SGAT statistics, GPTQ) for the same --seed.
+            shuffle_calibration_samples=False,
             output_dir=str(staging),
         )
         for extra in ("eval.jsonl", "calibration.jsonl"):

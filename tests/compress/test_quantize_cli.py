@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from starquant_plugin.cli import main
 from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
@@ -82,3 +83,17 @@ def test_existing_output_is_refused(tiny_model, tmp_path, capsys):
     assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines" / "rtn_w8a8.yaml"), "--output",
                  str(tmp_path / "out"), "--dataset", str(dataset)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_same_seed_same_checkpoint(tiny_model, tmp_path):
+    """Calibration order comes from --seed alone (llm-compressor's own shuffle is unseeded)."""
+    from safetensors.torch import load_file
+
+    directory, dataset, _ = tiny_model
+    tensors = []
+    for name in ("a", "b"):
+        assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w4a4.yaml"), "--output",
+                     str(tmp_path / name), "--dataset", str(dataset), "--num-samples", "16", "--seed", "7"]) == 0
+        tensors.append(load_file(tmp_path / name / "model.safetensors"))
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
