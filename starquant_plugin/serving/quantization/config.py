@@ -32,6 +32,7 @@ quantize each rank's input slice per token, as vLLM's kernels do.
 """
 
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -140,6 +141,10 @@ def _output_shard(layer, shard_id, width: int) -> tuple[int, int, int]:
 
 
 def _compensation_loader(layer):
+    # A weak reference: the loader lives on the layer's own parameter, and a strong one would
+    # keep the layer (and its kernels' weights) alive past the model.
+    layer = weakref.proxy(layer)
+
     def load(param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if isinstance(layer, RowParallelLinear):
             param.data.copy_(loaded)  # output not split; added once (rank 0)
