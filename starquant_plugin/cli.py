@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--canvas", type=_integer_list, default=[256, 512, 1024], help="canvas lengths, e.g. 256,512")
     bench.add_argument("--batch", type=_integer_list, default=[1, 8], help="batch sizes, e.g. 1,8")
     bench.add_argument("--variants", type=_name_list, default=None,
-                       help="comma-separated, from bf16,fp32,w8a8,starquant_w8a8,w4a8,starquant_w4a8,starquant_w4a8_head_w8a8 (default: all but fp32)")
+                       help="comma-separated, from bf16,fp32,w8a8,starquant_w8a8,w4a8,starquant_w4a8,starquant_w4a8_head_w8a8,starquant_w4a8_head_embed_int8 (default: all but fp32)")
     bench.add_argument("--steps", type=_integer, default=5, help="timed denoising steps (the median is reported)")
     bench.add_argument("--warmup", type=_integer, default=2, help="untimed steps first")
     bench.add_argument("--full-lm-head", action="store_true",

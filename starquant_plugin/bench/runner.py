@@ -39,8 +39,11 @@ VARIANTS = {
     "w4a8": "baselines/rtn_w4a8.yaml",
     "starquant_w4a8": "starquant_w4a8.yaml",
     "starquant_w4a8_head_w8a8": "starquant_w4a8_head_w8a8.yaml",  # + the LM head in W8A8 (memory)
+    "starquant_w4a8_head_embed_int8": "starquant_w4a8_head_embed_int8.yaml",  # + the embedding in int8
 }
-DEFAULT_VARIANTS = ["bf16", "w8a8", "starquant_w8a8", "w4a8", "starquant_w4a8", "starquant_w4a8_head_w8a8"]
+DEFAULT_VARIANTS = [
+    "bf16", "w8a8", "starquant_w8a8", "w4a8", "starquant_w4a8", "starquant_w4a8_head_w8a8", "starquant_w4a8_head_embed_int8",
+]
 NO_KERNEL = {"w4a4", "starquant_w4a4"}
 BLOCK_LENGTH = 32
 

@@ -15,8 +15,9 @@ from ..models import load_llada, read_llada_config
 __all__ = ["quantize", "validate_recipe"]
 
 
-def validate_recipe(recipe: Path) -> None:
-    """Parse the recipe with llm-compressor before any model is loaded; ValueError names the problem."""
+def validate_recipe(recipe: Path):
+    """Parse the recipe with llm-compressor before any model is loaded; ValueError names the problem.
+    Returns the parsed recipe."""
     from llmcompressor.recipe import Recipe
     from pydantic import ValidationError
 
@@ -38,6 +39,27 @@ def validate_recipe(recipe: Path) -> None:
         raise ValueError(
             f"{recipe}: no modifiers found; recipes nest as <name>_stage: <group>_modifiers: ClassName: {{...}}"
         )
+    return instance
+
+
+def refuse_tied_embedding_quantization(instance, model, recipe: Path) -> None:
+    """A weight-tied LLaDA reads its LM head from the embedding matrix: quantizing the embedding
+    (weight-only, for a lookup) would silently quantize the head too, and vLLM cannot tie a
+    packed embedding to its head. Refused with the module named."""
+    from compressed_tensors.utils import match_named_modules
+
+    if not model.config.weight_tying:
+        return
+    embedding = model.get_input_embeddings()
+    for modifier in instance.modifiers:
+        if not hasattr(modifier, "resolved_targets"):
+            continue
+        for name, module in match_named_modules(model, modifier.resolved_targets, modifier.ignore):
+            if module is embedding:
+                raise ValueError(
+                    f"{recipe}: {type(modifier).__name__} quantizes the embedding {name}, but this model ties its "
+                    "LM head to it (weight_tying: true); quantize the embedding of untied models only"
+                )
 
 
 def quantize(
@@ -58,7 +80,7 @@ def quantize(
     config = read_llada_config(model_dir)
     if "quantization_config" in config:
         raise ValueError(f"{model_dir} is already quantized; quantize a full-precision checkpoint")
-    validate_recipe(recipe)
+    instance = validate_recipe(recipe)
     if dataset is None:
         dataset = model_dir / "calibration.jsonl"
         if not dataset.is_file():
@@ -69,6 +91,7 @@ def quantize(
     random.Random(seed).shuffle(records)
     records = records[: max(1, num_samples // samples_per_record)]
     model, tokenizer = load_llada(model_dir)
+    refuse_tied_embedding_quantization(instance, model, recipe)
     samples = masked_calibration_samples(tokenizer, records, config["mask_token_id"], samples_per_record, seed=seed)
     logger.info(f"calibrating on {len(samples)} masked canvases from {len(records)} records of {dataset}")
     with atomic_output_dir(output, overwrite=overwrite) as staging:

@@ -141,8 +141,8 @@ class DiffusionWorkerExtension:
         return [output.tolist() for output in outputs]
 
     def starquant_model_info(self) -> dict:
-        """What the worker loaded: model class, dtype, quantization method, and the linear
-        method of every block linear (by name).
+        """What the worker loaded: model class, dtype, quantization method, the linear method of
+        every block linear (by name) and the methods of the embedding and the LM head.
 
         (Parameter bytes would mislead: on CPU, vLLM repacks unquantized linear weights for
         oneDNN and leaves empty parameters behind.)
@@ -162,6 +162,8 @@ class DiffusionWorkerExtension:
             "quantization": self.vllm_config.model_config.quantization,
             "linear_methods": linears,
             "codes_gemm": codes_gemm,  # layers whose SGAT codes go straight into an integer GEMM (CPU)
+            "embedding_method": type(model.model.transformer.wte.quant_method).__name__,
+            "lm_head_method": type(model.model.transformer.ff_out.quant_method).__name__,
         }
 
     def starquant_tensors(self, names: list[str]) -> dict[str, list]:

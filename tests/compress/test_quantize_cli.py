@@ -97,3 +97,46 @@ def test_same_seed_same_checkpoint(tiny_model, tmp_path):
         tensors.append(load_file(tmp_path / name / "model.safetensors"))
     assert tensors[0].keys() == tensors[1].keys()
     assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_embedding_in_int8_is_stored_packed_and_reloads_as_codes_times_scale(tiny_model, tmp_path):
+    """recipes/starquant_w4a8_head_embed_int8.yaml: the embedding is written as compressed-tensors
+    writes weight-only int8 (packed int32, one scale per token row) and the core reload looks
+    tokens up in the dequantized matrix."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    from starquant_plugin.models import load_llada
+
+    directory, dataset, tasks = tiny_model
+    output = tmp_path / "q"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w4a8_head_embed_int8.yaml"),
+                 "--output", str(output), "--dataset", str(dataset), "--num-samples", "16"]) == 0
+    groups = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]
+    (embedding_group,) = [g for g in groups.values() if g["targets"] == ["re:^model\\.transformer\\.wte$"]]
+    assert embedding_group["weights"]["num_bits"] == 8 and embedding_group["input_activations"] is None
+    stored = load_file(output / "model.safetensors")
+    original = load_file(directory / "model.safetensors")["model.transformer.wte.weight"]
+    packed, scale = stored["model.transformer.wte.weight_packed"], stored["model.transformer.wte.weight_scale"]
+    assert packed.dtype == torch.int32 and packed.shape == (original.shape[0], original.shape[1] // 4)
+    assert scale.shape == (original.shape[0], 1)
+    dequantized = unpack_from_int32(packed, 8, original.shape).float() * scale.float()
+    # Round to nearest: within half a step of the original weights, per row.
+    assert ((dequantized - original).abs() <= scale.float() / 2 + 1e-6).all()
+    model, _ = load_llada(output)
+    torch.testing.assert_close(model.get_input_embeddings().weight.float(), dequantized.to(model.dtype).float())
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(output), "--tasks", str(tasks), "--json", str(result)]) == 0
+
+
+def test_embedding_quantization_of_a_tied_model_is_refused(tmp_path, capsys):
+    config = tiny_config(d_model=128, mlp_hidden_size=256, weight_tying=True)
+    directory = write_hub_checkpoint(tmp_path / "tied", config, random_hub_tensors(config, seed=4))
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(4)))
+    output = tmp_path / "out"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w4a8_head_embed_int8.yaml"),
+                 "--output", str(output), "--dataset", str(dataset), "--num-samples", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "model.transformer.wte" in error and "weight_tying" in error
+    assert not output.exists()

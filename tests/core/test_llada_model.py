@@ -43,7 +43,8 @@ def reference_logits(config: dict, t: dict[str, torch.Tensor], ids: torch.Tensor
         n = rms(x, t[p + "ff_norm.weight"])
         x = x + (F.silu(n @ t[p + "ff_proj.weight"].T) * (n @ t[p + "up_proj.weight"].T)) @ t[p + "ff_out.weight"].T
     x = rms(x, t["model.transformer.ln_f.weight"])
-    return x @ t["model.transformer.ff_out.weight"].T
+    head = t["model.transformer.wte.weight"] if config.get("weight_tying") else t["model.transformer.ff_out.weight"]
+    return x @ head.T
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -63,6 +64,26 @@ def test_hub_checkpoint_matches_reference_logits(tmp_path, n_kv_heads):
     changed[:, -1] = (changed[:, -1] + 1) % config["vocab_size"]
     with torch.no_grad():
         assert not torch.allclose(model(changed).logits[:, 0], logits[:, 0])
+
+
+def test_weight_tied_checkpoint_reads_its_head_from_the_embedding(tmp_path):
+    """weight_tying: true checkpoints have no ff_out tensor; they load, match the reference and
+    round-trip through save_pretrained without one."""
+    from safetensors import safe_open
+
+    config = tiny_config(weight_tying=True)
+    tensors = random_hub_tensors(config, seed=5)
+    assert "model.transformer.ff_out.weight" not in tensors
+    model = AutoModelForCausalLM.from_pretrained(write_hub_checkpoint(tmp_path / "tied", config, tensors)).eval()
+    ids = torch.randint(0, config["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits[0], reference_logits(config, tensors, ids[0]), atol=2e-5, rtol=2e-5)
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(tensors)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()(ids).logits, logits)
 
 
 def test_eager_and_sdpa_agree(tiny_checkpoint):

@@ -92,3 +92,30 @@ def test_triton_kernels_match_the_torch_ops_in_the_interpreter():
         env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0 and "triton ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, None), (8, 16), (4, 32)])
+def test_wna16_embedding_cpu_lookup_dequantizes_the_packed_rows(bits, group):
+    """The CPU lookup of the `starquant` method's weight-only int embedding (vLLM's is Triton-only):
+    rows packed by compressed-tensors' own `pack_to_int32` come back as codes * scale."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from starquant_plugin.serving.quantization.config import WNA16EmbeddingMethod
+
+    g = torch.Generator().manual_seed(bits)
+    vocab, hidden = 40, 64
+    qmax = 2 ** (bits - 1)
+    codes = torch.randint(-qmax, qmax, (vocab, hidden), generator=g, dtype=torch.int8)
+    scale = torch.rand(vocab, 1 if group is None else hidden // group, generator=g).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel" if group is None else "group",
+                            group_size=group)
+    layer = torch.nn.Module()
+    layer.hidden_size = hidden
+    layer.weight_packed = pack_to_int32(codes, bits)
+    layer.weight_scale = scale
+    ids = torch.tensor([[3, 0, 39, 3], [7, 7, 1, 20]])
+    got = WNA16EmbeddingMethod(args).embedding(layer, ids)
+    dense = (codes.float().view(vocab, scale.shape[1], -1) * scale.float()[..., None]).view(vocab, hidden)
+    assert got.shape == (2, 4, hidden) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), dense[ids].to(torch.bfloat16).float(), rtol=0, atol=0)

@@ -44,7 +44,8 @@ def quantize(model_dir: Path, recipe: str, output: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def shipped_checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("starquant")
-    return {bits: quantize(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits) for bits in ("w8a8", "w4a8")}
+    return {bits: quantize(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits)
+            for bits in ("w8a8", "w4a8", "w4a8_head_embed_int8")}
 
 
 def fixed_canvases(tokenizer, mask_token_id: int):
@@ -72,10 +73,10 @@ def strip_sgat(model) -> None:
 
 # vLLM's int8 GEMM is not exact on every CPU: on AVX2 (no VNNI) oneDNN halves the int8
 # weights to avoid int16 saturation, which costs ~1-2% per linear (measured in docs/serving.md).
-TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02}
+TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02, "w4a8_head_embed_int8": 0.05}
 
 
-@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a8_head_embed_int8"])
 def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoints, bits):
     directory = shipped_checkpoints[bits]
     model, tokenizer = load_llada(directory)
@@ -90,6 +91,10 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     assert info["quantization"] == "starquant"
     assert set(info["linear_methods"].values()) == {"StarQuantLinearMethod(CompressedTensorsLinearMethod)"}
     assert len(info["linear_methods"]) == 4 * model.config.n_layers
+    # Embedding and head: int8 weights (the CPU lookup of the packed rows) and W8A8 here, bf16 otherwise.
+    low_bit_ends = bits == "w4a8_head_embed_int8"
+    assert info["embedding_method"] == ("WNA16EmbeddingMethod" if low_bit_ends else "UnquantizedEmbeddingMethod")
+    assert info["lm_head_method"] == ("CompressedTensorsLinearMethod" if low_bit_ends else "UnquantizedEmbeddingMethod")
     if not torch.cuda.is_available():  # CPU: codes go straight into oneDNN's int8 GEMM / the packed int4 GEMM
         assert len(info["codes_gemm"]) == 4 * model.config.n_layers
     block0 = model.model.transformer.blocks[0]

@@ -244,13 +244,13 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     filled from its own logits.
     """
 
+    # A weight-tied LLaDA has no `ff_out` module at all (the logits read `wte.weight`), so there
+    # is nothing for transformers to tie.
     _tied_weights_keys = {}
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)
-        if config.weight_tying:
-            self._tied_weights_keys = {"model.transformer.ff_out.weight": "model.transformer.wte.weight"}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

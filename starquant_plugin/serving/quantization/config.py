@@ -47,6 +47,9 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_embedding import (
+    CompressedTensorsEmbeddingWNA16Int,
+)
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...checkpoint.config import StarQuantConfig as StarQuantBlock
@@ -55,7 +58,7 @@ from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
 from .context import current_token_context
 
-__all__ = ["STARQUANT_METHOD", "StarQuantConfig", "StarQuantLinearMethod"]
+__all__ = ["STARQUANT_METHOD", "StarQuantConfig", "StarQuantLinearMethod", "WNA16EmbeddingMethod"]
 
 STARQUANT_METHOD = "starquant"
 # Linears of a LLaDA block in the vLLM model (q/k/v and gate/up fused).
@@ -86,6 +89,8 @@ class StarQuantConfig(CompressedTensorsConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         method = super().get_quant_method(layer, prefix)
+        if type(method) is CompressedTensorsEmbeddingWNA16Int:  # adds the CPU lookup
+            return WNA16EmbeddingMethod(self.get_scheme_dict(layer, layer_name=prefix)["weights"])
         if not _BLOCK_LINEAR.search(prefix) or not isinstance(method, LinearMethodBase):
             return method
         from vllm.config import get_current_vllm_config
@@ -112,6 +117,23 @@ class StarQuantConfig(CompressedTensorsConfig):
             # D is folded upstream except at the attention output under GQA (core mappings).
             online_smoothing=name == "attn_out" and config.n_kv_heads != config.n_heads,
         )
+
+
+class WNA16EmbeddingMethod(CompressedTensorsEmbeddingWNA16Int):
+    """vLLM's weight-only int (WNA16) embedding, with a torch lookup where its Triton kernel does
+    not run (CPU): gather the packed rows of the batch's ids, unpack them with compressed-tensors'
+    own `unpack_from_int32`, scale per row (channel) or per group. Weights stay packed."""
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        if input_.is_cuda:
+            return super().embedding(layer, input_)
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        ids = input_.reshape(-1)
+        hidden, scale = layer.hidden_size, layer.weight_scale[ids]  # [n, groups]
+        codes = unpack_from_int32(layer.weight_packed[ids], self.num_bits, torch.Size((ids.numel(), hidden)))
+        rows = codes.view(ids.numel(), scale.shape[1], -1).to(scale.dtype) * scale[..., None]
+        return rows.reshape(*input_.shape, hidden)
 
 
 def _sharded_loader(dim: int):
@@ -214,10 +236,11 @@ class StarQuantLinearMethod(LinearMethodBase):
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
         self.int8_codes_gemm = _onednn_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
-        # (sgat_quantize keeps the shift and clip in float32: it computes in float32.)
+        # sgat_quantize keeps the shift and clip in float32 (it computes in float32), and so does
+        # TAC on CPU: its per-head matmuls in bf16 cost ~20x float32 there (no bf16 units).
         for name in ("tac_matrices", "tac_offsets", "sgat_smoothing", "sgat_compensation"):
             param = getattr(layer, name, None)
-            if param is not None:
+            if param is not None and not (name.startswith("tac_") and param.device.type == "cpu"):
                 param.data = param.data.to(self.params_dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

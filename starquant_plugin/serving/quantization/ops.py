@@ -30,8 +30,10 @@ def sgat_quantize(
     -> codes [tokens, in] int8 and scales [tokens, 1] float32 with x~ ~= codes * scales."""
     site = SGATSite(torch.ones_like(shift[0]), shift, clip, rotation_block)
     states = states.long()
-    transformed = sgat_transform_input(x, states, site)
-    codes, scales = quantize_per_token(transformed.float(), bits, clip.float()[states][..., None])
+    # In float32 from the start: the rotation is a matmul, and CPUs without bf16 units run a
+    # bf16 one ~20x slower than float32 (docs/performance.md); float32 is also the exact side.
+    transformed = sgat_transform_input(x.float(), states, site)
+    codes, scales = quantize_per_token(transformed, bits, clip.float()[states][..., None])
     return codes.to(torch.int8), scales
 
 
@@ -42,8 +44,9 @@ def _(x, states, shift, clip, rotation_block, bits):
 
 @torch.library.custom_op("starquant::tac", mutates_args=())
 def tac(x: torch.Tensor, buckets: torch.Tensor, matrices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [tokens, in], buckets [tokens] (long), matrices [K, in/b, b, b], offsets [K, in] -> [tokens, in]."""
-    return apply_tac(x, TACMap(matrices, offsets), buckets.long())
+    """x [tokens, in], buckets [tokens] (long), matrices [K, in/b, b, b], offsets [K, in] -> [tokens, in].
+    Computed in the matrices' dtype (float32 on CPU, where bf16 matmuls are slow), returned in x's."""
+    return apply_tac(x.to(matrices.dtype), TACMap(matrices, offsets), buckets.long()).to(x.dtype)
 
 
 @tac.register_fake
