@@ -9,6 +9,14 @@ tensor names, tokenizer.json + tokenizer_config.json) plus the held-out evaluati
 `eval.jsonl` and a separate calibration set `calibration.jsonl`.
 
     python scripts/train_shipped_model.py [--output DIR] [--steps N]
+
+The defaults give the shipped model. The architecture, operand width, vocabulary size (the
+special tokens sit at its top) and the saved dtype / sharding are flags, so other
+LLaDA-format checkpoints of the family (GQA, bf16, sharded, other special-token ids, longer
+answers) can be trained the same way to check that recipes hold beyond the shipped model:
+
+    python scripts/train_shipped_model.py --output /tmp/llada-gqa --digits 6 --d-model 192 --n-heads 6 \
+        --n-kv-heads 2 --n-layers 4 --mlp-hidden-size 512 --vocab-size 40 --dtype bfloat16 --max-shard-size 2MB
 """
 
 import argparse
@@ -32,17 +40,19 @@ CHARACTERS = "0123456789+-*=() "
 VOCAB_SIZE = 32
 # Special tokens sit at the top of the vocabulary, as in LLaDA (ids are read from config/tokenizer).
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
-SPECIAL_IDS = {BOS: 29, EOS: 30, MASK: 31}
+
+
+def special_ids(vocab_size: int) -> dict[str, int]:
+    return {BOS: vocab_size - 3, EOS: vocab_size - 2, MASK: vocab_size - 1}  # 29, 30, 31 when shipped
 EVAL_SIZE, CALIBRATION_SIZE = 500, 256
 MAX_EXTRA_EOS = 3
 # Operand width. 3 digits was too easy: W4A4 round-to-nearest lost only 0.2 points of exact match.
 DIGITS = 4
 
 
-def build_tokenizer():
-    return build_char_tokenizer(
-        CHARACTERS, VOCAB_SIZE, (BOS, SPECIAL_IDS[BOS]), (EOS, SPECIAL_IDS[EOS]), (MASK, SPECIAL_IDS[MASK])
-    )
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    ids = special_ids(vocab_size)
+    return build_char_tokenizer(CHARACTERS, vocab_size, (BOS, ids[BOS]), (EOS, ids[EOS]), (MASK, ids[MASK]))
 
 
 def make_example(rng: random.Random, digits: int = DIGITS) -> dict:
@@ -54,24 +64,24 @@ def make_example(rng: random.Random, digits: int = DIGITS) -> dict:
     return {"prompt": f"{a:0{digits}d}-{b:0{digits}d}=", "answer": f"{a - b:0{digits}d}", "task": "sub"}
 
 
-def held_out_sets(seed: int) -> tuple[list[dict], list[dict]]:
+def held_out_sets(seed: int, digits: int = DIGITS) -> tuple[list[dict], list[dict]]:
     """Evaluation and calibration sets, disjoint from each other (and excluded from training)."""
     rng = random.Random(seed)
     seen, sets = set(), ([], [])
     for target, size in zip(sets, (EVAL_SIZE, CALIBRATION_SIZE)):
         while len(target) < size:
-            example = make_example(rng)
+            example = make_example(rng, digits)
             if example["prompt"] not in seen:
                 seen.add(example["prompt"])
                 target.append(example)
     return sets
 
 
-def training_batch(rng: random.Random, tokenizer, excluded: set[str], batch_size: int):
+def training_batch(rng: random.Random, tokenizer, excluded: set[str], batch_size: int, digits: int = DIGITS):
     """Left-padded batch: BOS prompt answer EOS*k (k in 0..MAX_EXTRA_EOS), answer region maskable."""
     rows, regions = [], []
     while len(rows) < batch_size:
-        example = make_example(rng)
+        example = make_example(rng, digits)
         if example["prompt"] in excluded:
             continue
         prompt = tokenizer(example["prompt"])["input_ids"]
@@ -107,6 +117,11 @@ def evaluate(model, tokenizer, examples: list[dict], mask_token_id: int) -> floa
     return correct / len(examples)
 
 
+def argv_is_default(args, parser) -> bool:
+    """True for the shipped model's settings (its TRAINING.json keeps its original fields)."""
+    return all(getattr(args, k) == parser.get_default(k) for k in vars(args) if k != "output")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -116,26 +131,36 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="compute threads (1 keeps runs bit-identical)")
+    parser.add_argument("--digits", type=int, default=DIGITS, help="operand width (answers have digits + 1 tokens)")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--n-kv-heads", type=int, default=4, help="< --n-heads: grouped-query attention")
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--mlp-hidden-size", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="special tokens take its top three ids")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="saved weights")
+    parser.add_argument("--max-shard-size", default=None, help="e.g. 2MB: several safetensors files + index")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer()
-    eval_set, calibration_set = held_out_sets(args.seed + 1)
+    tokenizer = build_tokenizer(args.vocab_size)
+    ids = special_ids(args.vocab_size)
+    eval_set, calibration_set = held_out_sets(args.seed + 1, args.digits)
     excluded = {e["prompt"] for e in eval_set + calibration_set}
     config = LLaDAConfig(
-        d_model=256,
-        n_heads=4,
-        n_kv_heads=4,
-        n_layers=4,
-        mlp_hidden_size=512,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        n_layers=args.n_layers,
+        mlp_hidden_size=args.mlp_hidden_size,
         mlp_ratio=2,
-        vocab_size=VOCAB_SIZE,
-        embedding_size=VOCAB_SIZE,
-        mask_token_id=SPECIAL_IDS[MASK],
-        eos_token_id=SPECIAL_IDS[EOS],
-        pad_token_id=SPECIAL_IDS[EOS],
-        bos_token_id=SPECIAL_IDS[BOS],
+        vocab_size=args.vocab_size,
+        embedding_size=args.vocab_size,
+        mask_token_id=ids[MASK],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[EOS],
+        bos_token_id=ids[BOS],
         max_sequence_length=512,
         rope_theta=10000.0,
         precision="fp32",
@@ -153,7 +178,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     started = time.time()
     for step in range(1, args.steps + 1):
-        input_ids, attention_mask, maskable = training_batch(rng, tokenizer, excluded, args.batch_size)
+        input_ids, attention_mask, maskable = training_batch(rng, tokenizer, excluded, args.batch_size, args.digits)
         # Exact mask counts l ~ U{1..L} weighted by L / l: LLaDA's objective with lower variance
         # than Bernoulli masking at rate t weighted by 1 / t (answers here are only a few tokens).
         ratios = torch.rand(args.batch_size, generator=generator, dtype=torch.float64).clamp(min=1e-6)
@@ -176,14 +201,18 @@ def main() -> None:
     staging = output.with_name(output.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.config._attn_implementation = None
-    model.save_pretrained(staging)
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(staging, **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {}))
     tokenizer.save_pretrained(staging)
     for name, rows in (("eval.jsonl", eval_set), ("calibration.jsonl", calibration_set)):
         with open(staging / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     (staging / "TRAINING.json").write_text(
         json.dumps({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                    "threads": args.threads, "train_seconds": round(time.time() - started, 1)}, indent=1) + "\n"
+                    "threads": args.threads, "train_seconds": round(time.time() - started, 1),
+                    **({} if argv_is_default(args, parser) else {"arguments": vars(args) | {"output": str(args.output)}})},
+                   indent=1) + "\n"
     )
     shutil.rmtree(output, ignore_errors=True)
     staging.rename(output)

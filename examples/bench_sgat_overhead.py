@@ -1,0 +1,83 @@
+"""What SGAT adds to one W8A8 linear on this CPU, at LLaDA-8B shapes, op by op (serve environment).
+
+    OMP_NUM_THREADS=1 .venv/serve/bin/python examples/bench_sgat_overhead.py [--tokens 512]
+
+For the q/k/v input (k=4096 -> n=12288) and the down projection (k=12288 -> n=4096), bf16
+activations, half the tokens masked:
+- `plain`: vLLM's W8A8 CPU path (its fused dynamic int8 quantize + the oneDNN int8 GEMM);
+- `sgat_quantize`: the `starquant` op (shift by state, block-Hadamard 128, clipped per-token
+  int8), which feeds the same GEMM its codes; `compensation`: the per-state output add;
+- `rotation bf16` / `rotation fp32`: the block-Hadamard matmul alone in each dtype (why the op
+  computes in float32 on CPU).
+Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share of the GEMM.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=512)
+    args = parser.parse_args()
+    from vllm import _custom_ops as vllm_ops
+
+    from starquant_plugin.quantization.hadamard import hadamard_matrix
+    from starquant_plugin.serving.quantization import ops  # noqa: F401  (registers torch.ops.starquant)
+
+    t = args.tokens
+    g = torch.Generator().manual_seed(0)
+    print(f"{t} tokens, {torch.get_num_threads()} threads")
+    print(f"{'k -> n':<14} {'op':<16} {'ms':>8}")
+    for k, n in ((4096, 12288), (12288, 4096)):
+        weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).t()  # [k, n], column-major
+        handler = vllm_ops.create_onednn_scaled_mm(weight, torch.rand(1, n, generator=g) * 0.01, torch.bfloat16,
+                                                   True, False, 32)
+        x = torch.randn(t, k, generator=g).to(torch.bfloat16)
+        states = (torch.rand(t, generator=g) < 0.5).long()
+        shift, clip = torch.randn(2, k, generator=g) * 0.1, torch.tensor([0.9, 0.8])
+        compensation = torch.randn(2, n, generator=g).to(torch.bfloat16)
+        hadamard = hadamard_matrix(128)
+
+        def gemm(codes, scales):
+            out = torch.empty(t, n, dtype=torch.bfloat16)
+            vllm_ops.onednn_scaled_mm(handler, codes, out, scales, None, None, None)
+            return out
+
+        def plain():
+            codes, scales, _ = vllm_ops.onednn_scaled_int8_quant(x, None, None, True)
+            return gemm(codes, scales)
+
+        codes, scales = torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8)
+        output = gemm(codes, scales)
+        rows = {
+            "plain": plain,
+            "vllm quantize": lambda: vllm_ops.onednn_scaled_int8_quant(x, None, None, True),
+            "gemm": lambda: gemm(codes, scales),
+            "sgat_quantize": lambda: torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8),
+            "compensation": lambda: output + compensation[states],
+            "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
+            "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
+        }
+        times = {name: timed(fn) for name, fn in rows.items()}
+        for name, seconds in times.items():
+            print(f"{f'{k} -> {n}':<14} {name:<16} {seconds * 1e3:>8.2f}")
+        added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]
+        print(f"{f'{k} -> {n}':<14} SGAT adds {added / times['plain'] * 100:.1f}% to the plain W8A8 linear")
+
+
+if __name__ == "__main__":
+    main()
