@@ -13,20 +13,9 @@ Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share 
 """
 
 import argparse
-import statistics
-import time
-
 import torch
 
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from timing import timed  # examples/timing.py
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
             "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
             "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
         }
-        times = {name: timed(fn) for name, fn in rows.items()}
+        times = {name: timed(fn, repeats=5) for name, fn in rows.items()}
         for name, seconds in times.items():
             print(f"{f'{k} -> {n}':<14} {name:<16} {seconds * 1e3:>8.2f}")
         added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]

@@ -11,20 +11,9 @@ Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident by
 """
 
 import argparse
-import statistics
-import time
-
 import torch
 
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from timing import timed  # examples/timing.py
 
 
 def main() -> None:
