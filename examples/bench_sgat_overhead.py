@@ -13,6 +13,7 @@ Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share 
 """
 
 import argparse
+
 import torch
 
 from timing import timed  # examples/timing.py

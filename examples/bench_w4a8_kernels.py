@@ -11,6 +11,7 @@ Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident by
 """
 
 import argparse
+
 import torch
 
 from timing import timed  # examples/timing.py
