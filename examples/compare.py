@@ -147,12 +147,29 @@ def main() -> None:
     write_markdown(args, results, figures, machine)
 
 
+def describe_model(path: Path) -> str:
+    """One line from the checkpoint's own files: shapes, heads, dtype, shards, special-token ids."""
+    config = json.loads((path / "config.json").read_text())
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    return (
+        f"d_model {config['d_model']}, {config['n_layers']} layers, {config['n_heads']} heads / "
+        f"{config.get('n_kv_heads') or config['n_heads']} KV heads, MLP {config.get('mlp_hidden_size')}, vocab "
+        f"{config['vocab_size']} (mask id {config['mask_token_id']}, EOS {config['eos_token_id']}), "
+        f"{config.get('torch_dtype') or config.get('dtype')} weights in {len(shards)} safetensors file(s)"
+    )
+
+
 def write_markdown(args, results, figures, machine) -> None:
     fp = results["fp"]["exact_match"]
+    shipped = args.model.resolve() == SHIPPED_MODEL.resolve()
+    command = f"examples/compare.py --limit {args.limit}"
+    if not shipped:
+        command += f" --model {args.model} --docs {args.docs} --work {args.work}"
     lines = [
-        "# Results on the shipped model",
+        "# Results on the shipped model" if shipped else f"# Results on `{args.model.name}`",
         "",
-        f"Measured by `.venv/compress/bin/python examples/compare.py --limit {args.limit}` "
+        *([] if shipped else [f"Model: {describe_model(args.model)}.", ""]),
+        f"Measured by `.venv/compress/bin/python {command}` "
         f"({len(results) - 1} recipes; {machine['threads']} torch threads on {machine['cpu']}). "
         "Exact match on the held-out set (greedy, gen_length = steps = block = longest answer); masked NLL: "
         f"Monte-Carlo ELBO, 32 samples, nats per answer, first {args.nll_examples} examples. Quantized models are "

@@ -76,6 +76,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, gen_length_help: st
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench.runner import DEFAULT_VARIANTS, VARIANTS  # torch and transformers are loaded by the package anyway
+
     parser = argparse.ArgumentParser(prog="starquant", description="STaR-Quant for diffusion LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--canvas", type=_integer_list, default=[256, 512, 1024], help="canvas lengths, e.g. 256,512")
     bench.add_argument("--batch", type=_integer_list, default=[1, 8], help="batch sizes, e.g. 1,8")
     bench.add_argument("--variants", type=_name_list, default=None,
-                       help="comma-separated, from bf16,fp32,w8a8,starquant_w8a8,w4a8,starquant_w4a8,starquant_w4a8_head_w8a8,starquant_w4a8_head_embed_int8 (default: all but fp32)")
+                       help=f"comma-separated, from {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}; with --decoding: bf16,starquant_w4a8)")
     bench.add_argument("--steps", type=_integer, default=5, help="timed denoising steps (the median is reported)")
     bench.add_argument("--warmup", type=_integer, default=2, help="untimed steps first")
     bench.add_argument("--full-lm-head", action="store_true",

@@ -2,11 +2,13 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..quantization.tac import uniform_bucket_edges
 
 __all__ = ["FORMAT_VERSION", "SGATSettings", "TACSettings", "StarQuantConfig", "describe_validation_error"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tac.bucket_edges (format 1 is still read)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -34,6 +36,24 @@ class TACSettings(BaseModel):
     block_size: int = Field(gt=0)
     num_buckets: int = Field(ge=1)
     ridge: float = Field(ge=0)
+    # Mask-ratio edges between the K buckets (K - 1 of them, ascending in [0, 1]); format 1
+    # checkpoints have none and use equal-width buckets k/K.
+    bucket_edges: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _edges_fit_buckets(self) -> "TACSettings":
+        edges = self.bucket_edges
+        if edges is None:
+            return self
+        if len(edges) != self.num_buckets - 1:
+            raise ValueError(f"bucket_edges has {len(edges)} edges; num_buckets={self.num_buckets} needs {self.num_buckets - 1}")
+        if any(not 0 <= e <= 1 for e in edges) or any(a > b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"bucket_edges must be ascending mask ratios in [0, 1], got {edges}")
+        return self
+
+    @property
+    def edges(self) -> list[float]:
+        return uniform_bucket_edges(self.num_buckets) if self.bucket_edges is None else self.bucket_edges
 
 
 class StarQuantConfig(BaseModel):

@@ -126,6 +126,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -
                 raise ValueError(f"{directory}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
             _attach(target, "tac_matrices", _expect(tensors, f"{name}.tac_matrices", (buckets, width // b, b, b), directory))
             _attach(target, "tac_offsets", _expect(tensors, f"{name}.tac_offsets", (buckets, width), directory))
+            target.register_buffer("tac_bucket_edges", torch.tensor(block.tac.edges, dtype=torch.float32, device=target.weight.device), persistent=False)
     if tensors:
         raise ValueError(
             f"{directory}: STaR-Quant tensors the starquant_config does not account for: {sorted(tensors)[:3]}"

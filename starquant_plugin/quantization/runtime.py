@@ -3,8 +3,9 @@
 A linear that is an SGAT site output carries buffers `sgat_shift` [2, in], `sgat_clip` [2],
 `sgat_compensation` [2, out] and, where the smoothing could not be folded upstream,
 `sgat_smoothing` [in]; its rotation block size is the attribute `sgat_rotation_block`.
-An attention-output projection corrected by TAC carries `tac_matrices` [K, n, b, b] and
-`tac_offsets` [K, in]. `attach_runtime` installs, per such linear, one pre-hook (TAC, then
+An attention-output projection corrected by TAC carries `tac_matrices` [K, n, b, b],
+`tac_offsets` [K, in] and the non-persistent `tac_bucket_edges` [K-1] (from the checkpoint's
+config block; equal-width when absent). `attach_runtime` installs, per such linear, one pre-hook (TAC, then
 the SGAT transform and, when activation quantization is on, the per-state clipped
 per-token quantizer) and one forward hook (the per-state compensation). Token states come
 from the blocks' `token_states` argument, so the same hooks serve llm-compressor's
@@ -18,7 +19,7 @@ from torch import nn
 
 from .quantizers import fake_quantize_per_token
 from .sgat import SGATSite, sgat_transform_input
-from .tac import TACMap, apply_tac, mask_ratio_bucket
+from .tac import TACMap, apply_tac, mask_ratio_bucket, uniform_bucket_edges
 
 __all__ = [
     "SGAT_BUFFERS", "TAC_BUFFERS", "TokenStateTracker", "attach_runtime", "detach_runtime", "activation_bits",
@@ -90,6 +91,12 @@ def has_tac(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in TAC_BUFFERS)
 
 
+def tac_bucket_edges(module: nn.Module) -> torch.Tensor | list[float]:
+    """The mask-ratio bucket edges of a TAC site (equal-width when none were calibrated)."""
+    edges = getattr(module, "tac_bucket_edges", None)
+    return uniform_bucket_edges(module.tac_matrices.shape[0]) if edges is None else edges
+
+
 def sgat_site_of(module: nn.Module) -> SGATSite:
     """The SGATSite a linear reads its input through (online smoothing or ones)."""
     smoothing = getattr(module, "sgat_smoothing", None)
@@ -103,7 +110,7 @@ def _input_hook(tracker: TokenStateTracker):
         x = args[0]
         states = tracker.states
         if has_tac(module) and tracker.mask_ratio is not None:
-            buckets = mask_ratio_bucket(tracker.mask_ratio, module.tac_matrices.shape[0])
+            buckets = mask_ratio_bucket(tracker.mask_ratio, tac_bucket_edges(module))
             x = apply_tac(x, TACMap(module.tac_matrices, module.tac_offsets), buckets[:, None].expand(x.shape[:-1]))
         if has_sgat(module):
             if states is None:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TACMap", "fit_tac", "apply_tac", "mask_ratio_bucket"]
+__all__ = ["TACMap", "fit_tac", "apply_tac", "mask_ratio_bucket", "uniform_bucket_edges", "calibrated_bucket_edges"]
 
 
 @dataclass
 class TACMap:
-    """`matrices` [buckets, n_blocks, b, b], `offsets` [buckets, dim]; bucket k covers mask
-    ratios in (k/K, (k+1)/K] (bucket 0 also takes ratio 0)."""
+    """`matrices` [buckets, n_blocks, b, b], `offsets` [buckets, dim]; which bucket a canvas
+    uses is `mask_ratio_bucket` of its mask ratio with the edges stored beside the maps."""
 
     matrices: torch.Tensor
     offsets: torch.Tensor
@@ -30,9 +30,29 @@ class TACMap:
         return self.matrices.shape[0]
 
 
-def mask_ratio_bucket(mask_ratio: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Bucket index per sequence from its current mask ratio in [0, 1]."""
-    return (mask_ratio * num_buckets).ceil().long().clamp(1, num_buckets) - 1
+def uniform_bucket_edges(num_buckets: int) -> list[float]:
+    """Edges k/K (k = 1..K-1): equal-width mask-ratio buckets over [0, 1]."""
+    return [k / num_buckets for k in range(1, num_buckets)]
+
+
+def calibrated_bucket_edges(mask_ratios: torch.Tensor, num_buckets: int) -> list[float]:
+    """Edges that split the calibration canvases' mask ratios into K equally populated buckets.
+
+    The ratio counts the prompt too (it is derived from the canvas alone), so a canvas is never
+    fully masked: with a 10-token prompt and a 5-token answer it stays below 1/3, and equal-width
+    buckets over [0, 1] would put every step in the first one.
+    """
+    if num_buckets == 1:
+        return []
+    levels = torch.linspace(0, 1, num_buckets + 1, dtype=torch.float64)[1:-1]
+    return [float(v) for v in torch.quantile(mask_ratios.double(), levels)]
+
+
+def mask_ratio_bucket(mask_ratio: torch.Tensor, edges: torch.Tensor | list[float]) -> torch.Tensor:
+    """Bucket index per sequence from its current mask ratio: bucket k covers ratios in
+    (edges[k-1], edges[k]] (bucket 0 everything up to edges[0], the last everything above)."""
+    edges = torch.as_tensor(edges, dtype=mask_ratio.dtype, device=mask_ratio.device)
+    return torch.bucketize(mask_ratio, edges)
 
 
 def fit_tac(

@@ -167,6 +167,7 @@ class DiffusionWorkerExtension:
         }
 
     def starquant_tensors(self, names: list[str]) -> dict[str, list]:
-        """Named parameters of this rank, as nested lists (tests check what was loaded)."""
-        parameters = dict(self.model_runner.get_model().named_parameters())
+        """Named parameters and buffers of this rank, as nested lists (tests check what was loaded)."""
+        model = self.model_runner.get_model()
+        parameters = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         return {name: parameters[name].detach().float().cpu().tolist() for name in names}

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import starquant_plugin  # noqa: F401
 from starquant_plugin.checkpoint import atomic_output_dir
+from starquant_plugin.checkpoint.config import FORMAT_VERSION
 from starquant_plugin.models import load_llada
 from tests.conftest import oneshot_tiny, reloaded_logits
 
@@ -31,8 +32,10 @@ def test_config_block_and_tensors_written(quantized):
     output, _, _, config = quantized
     saved = json.loads((output / "config.json").read_text())
     block = saved["starquant_config"]
-    assert block["format_version"] == 1 and block["mask_token_id"] == config["mask_token_id"]
+    assert block["format_version"] == FORMAT_VERSION and block["mask_token_id"] == config["mask_token_id"]
+    edges = block["tac"].pop("bucket_edges")
     assert block["sgat"]["rotation_block_size"] == 32 and block["tac"] == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
+    assert len(edges) == 1 and 0 < edges[0] < 1  # the median mask ratio of the calibration trajectories
     assert saved["quantization_config"]["quant_method"] == "compressed-tensors"
     names = load_file(output / "model.safetensors").keys()
     assert "model.transformer.blocks.1.attn_out.tac_matrices" in names
@@ -50,6 +53,20 @@ def test_reload_matches_in_memory_model(quantized):
     torch.testing.assert_close(weights_only, in_memory_weights_only, atol=1e-5, rtol=1e-5)
     error = ((reloaded - in_memory).abs().mean() / in_memory.abs().mean()).item()
     assert 0 < error < 0.1  # measured 0.047 on this random-weight model
+
+
+def test_tac_bucket_edges_reload_and_format_1_reads_equal_width_buckets(quantized, tmp_path):
+    output = quantized[0]
+    edges = json.loads((output / "config.json").read_text())["starquant_config"]["tac"]["bucket_edges"]
+    reloaded, _ = load_llada(output)
+    attn_out = reloaded.model.transformer.blocks[0].attn_out
+    torch.testing.assert_close(attn_out.tac_bucket_edges, torch.tensor(edges))
+    assert "tac_bucket_edges" not in attn_out.state_dict()  # config.json holds them, not the weights
+    # A format 1 checkpoint (before bucket_edges) still loads, with the edges k/K it was written for.
+    old = _copy(quantized, tmp_path)
+    _edit_config(old, lambda c: (c["starquant_config"].update(format_version=1), c["starquant_config"]["tac"].pop("bucket_edges")))
+    old_model, _ = load_llada(old)
+    torch.testing.assert_close(old_model.model.transformer.blocks[0].attn_out.tac_bucket_edges, torch.tensor([0.5]))
 
 
 def _copy(quantized, tmp_path):
@@ -77,12 +94,16 @@ def _edit_config(directory, edit):
          "missing STaR-Quant tensor model.transformer.blocks.1.v_proj.sgat_shift"),
         (lambda d: _edit_tensors(d, lambda t: t.__setitem__("model.transformer.blocks.0.attn_out.tac_offsets", torch.zeros(2, 64))),
          r"attn_out.tac_offsets has shape \(2, 64\), expected \(2, 128\)"),
-        (lambda d: _edit_config(d, lambda c: c["starquant_config"].__setitem__("format_version", 2)),
-         "format_version 2 is newer than this starquant-plugin reads"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"].__setitem__("format_version", FORMAT_VERSION + 1)),
+         f"format_version {FORMAT_VERSION + 1} is newer than this starquant-plugin reads"),
         (lambda d: _edit_config(d, lambda c: c["starquant_config"].__setitem__("mask_token_id", 3)),
          "starquant_config.mask_token_id=3 does not match"),
-        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["tac"].__setitem__("num_buckets", 3)),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["tac"].update(num_buckets=3, bucket_edges=[0.2, 0.4])),
          r"tac_matrices has shape \(2, 4, 32, 32\), expected \(3, 4, 32, 32\)"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["tac"].__setitem__("num_buckets", 3)),
+         "starquant_config.tac: .*bucket_edges has 1 edges; num_buckets=3 needs 2"),
+        (lambda d: _edit_config(d, lambda c: c["starquant_config"]["tac"].__setitem__("bucket_edges", [1.5])),
+         r"bucket_edges must be ascending mask ratios in \[0, 1\], got \[1.5\]"),
         (lambda d: _edit_config(d, lambda c: c["starquant_config"].pop("sgat")),
          "tensors the starquant_config does not account for"),
         (lambda d: _edit_config(d, lambda c: c["starquant_config"]["sgat"].__setitem__("centre", "median")),

@@ -57,7 +57,8 @@ def test_oneshot_sgat_is_exact_in_full_precision(tiny_setup):
     probe = torch.tensor(dataset[0]["input_ids"])[None]
     with torch.no_grad():
         reference = model(probe).logits
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=RECIPE, num_calibration_samples=len(dataset))
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=RECIPE, num_calibration_samples=len(dataset),
+            shuffle_calibration_samples=False)
     block = model.model.transformer.blocks[0]
     assert block.q_proj.sgat_shift.shape == (2, 128) and block.ff_out.sgat_compensation.shape == (2, 128)
     assert hasattr(block.attn_out, "sgat_smoothing")  # GQA: attention-output smoothing stays on line
@@ -78,7 +79,8 @@ def test_sgat_then_gptq_w8a8(tiny_setup, tmp_path):
       ignore: ["model.transformer.ff_out"]
       scheme: W8A8
 """
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset))
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
+            shuffle_calibration_samples=False)
     block = model.model.transformer.blocks[1]
     assert block.q_proj.quantization_scheme.weights.num_bits == 8 and hasattr(block.q_proj, "sgat_clip")
     with torch.no_grad():
@@ -104,10 +106,16 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
       ridge: 0.01
       num_trajectories: 8
 """
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset))
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
+            shuffle_calibration_samples=False)
     attn_out = model.model.transformer.blocks[0].attn_out
     assert attn_out.tac_matrices.shape == (2, 4, 32, 32) and attn_out.tac_offsets.shape == (2, 128)
-    assert model._starquant_tac == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
+    settings = dict(model._starquant_tac)
+    edges = settings.pop("bucket_edges")
+    assert settings == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
+    torch.testing.assert_close(attn_out.tac_bucket_edges, torch.tensor(edges))
+    identity = torch.eye(32).expand(4, 32, 32)
+    assert all(not torch.equal(attn_out.tac_matrices[k].float(), identity) for k in range(2))  # both buckets saw data
 
     rows = [torch.tensor(dataset[i]["input_ids"]) for i in range(len(dataset))]
     canvases = trajectory_canvases(hf_logits_fn(model), rows, config["mask_token_id"])
@@ -122,7 +130,7 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
         del module.tac_matrices, module.tac_offsets
     attach_runtime(model)
     without_tac = error()
-    assert with_tac < without_tac
+    assert with_tac < without_tac, (with_tac, without_tac)
 
 
 def test_registration_is_lazy_and_works_in_either_import_order():

@@ -15,7 +15,7 @@ from starquant_plugin.quantization import (
     sgat_transform_weight,
 )
 from starquant_plugin.quantization.sgat import sgat_compensation
-from starquant_plugin.quantization.tac import mask_ratio_bucket
+from starquant_plugin.quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 
 
 def state_disparate_inputs(tokens=512, dim=64, seed=0, dtype=torch.float64):
@@ -125,11 +125,23 @@ def test_tac_buckets_fit_separate_maps_by_mask_ratio():
     g = torch.Generator().manual_seed(1)
     o_q = torch.randn(3000, 16, generator=g, dtype=torch.float64)
     ratio = torch.rand(3000, generator=g, dtype=torch.float64)
-    buckets = mask_ratio_bucket(ratio, 2)
+    buckets = mask_ratio_bucket(ratio, uniform_bucket_edges(2))
     scale = torch.where(buckets == 0, 0.5, 2.0)[:, None]
     o_fp = o_q * scale
     fitted = fit_tac(o_q, o_fp, block_size=16, ridge=1e-8, buckets=buckets, num_buckets=2)
     torch.testing.assert_close(fitted.matrices[0, 0], 0.5 * torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(fitted.matrices[1, 0], 2.0 * torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(apply_tac(o_q, fitted, buckets), o_fp, atol=1e-6, rtol=0)
-    assert mask_ratio_bucket(torch.tensor([0.0, 0.5, 0.51, 1.0]), 2).tolist() == [0, 0, 1, 1]
+    assert mask_ratio_bucket(torch.tensor([0.0, 0.5, 0.51, 1.0]), uniform_bucket_edges(2)).tolist() == [0, 0, 1, 1]
+
+
+def test_calibrated_bucket_edges_split_the_observed_ratios_evenly():
+    # Canvases of a 10-token prompt + 5-token answer: ratios 0..1/3, all in one equal-width bucket.
+    ratios = torch.tensor([m / 15 for m in range(6)] * 10)
+    assert mask_ratio_bucket(ratios, uniform_bucket_edges(2)).unique().tolist() == [0]
+    for k in (2, 3):
+        edges = calibrated_bucket_edges(ratios, k)
+        assert len(edges) == k - 1 and edges == sorted(edges) and 0 < edges[0] and edges[-1] < 1 / 3
+        counts = torch.bincount(mask_ratio_bucket(ratios, edges), minlength=k)
+        assert counts.min() >= len(ratios) // k - 10, counts  # as even as the ties allow
+    assert calibrated_bucket_edges(ratios, 1) == []

@@ -17,7 +17,8 @@ import torch
 from starquant_plugin.assets import SHIPPED_EVAL_SET, SHIPPED_MODEL
 from starquant_plugin.evaluation import load_tasks
 from starquant_plugin.models import load_llada
-from starquant_plugin.quantization.runtime import attach_runtime
+from starquant_plugin.quantization.runtime import attach_runtime, sequence_mask_ratio
+from starquant_plugin.quantization.tac import mask_ratio_bucket
 from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
 
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
@@ -87,7 +88,8 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
         got = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
         block_outputs = llm.block_outputs(input_ids.tolist(), attention_mask.tolist())
         loaded = llm.tensors(["model.transformer.blocks.0.qkv_proj.sgat_compensation",
-                              "model.transformer.blocks.1.attn_out.tac_matrices"])[0]
+                              "model.transformer.blocks.1.attn_out.tac_matrices",
+                              "model.transformer.blocks.1.attn_out.tac_bucket_edges"])[0]
     assert info["quantization"] == "starquant"
     assert set(info["linear_methods"].values()) == {"StarQuantLinearMethod(CompressedTensorsLinearMethod)"}
     assert len(info["linear_methods"]) == 4 * model.config.n_layers
@@ -101,8 +103,12 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     expected_compensation = torch.cat([block0.q_proj.sgat_compensation, block0.k_proj.sgat_compensation,
                                        block0.v_proj.sgat_compensation], 1)
     torch.testing.assert_close(loaded["model.transformer.blocks.0.qkv_proj.sgat_compensation"], expected_compensation)
-    torch.testing.assert_close(loaded["model.transformer.blocks.1.attn_out.tac_matrices"],
-                               model.model.transformer.blocks[1].attn_out.tac_matrices)
+    attn_out = model.model.transformer.blocks[1].attn_out
+    torch.testing.assert_close(loaded["model.transformer.blocks.1.attn_out.tac_matrices"], attn_out.tac_matrices)
+    # The calibrated mask-ratio edges (config.json) reach vLLM, and these canvases use both buckets.
+    torch.testing.assert_close(loaded["model.transformer.blocks.1.attn_out.tac_bucket_edges"], attn_out.tac_bucket_edges)
+    ratios = sequence_mask_ratio(input_ids == model.config.mask_token_id, real)
+    assert mask_ratio_bucket(ratios, attn_out.tac_bucket_edges).unique().tolist() == [0, 1]
     core_outputs = []
     hooks = [b.register_forward_hook(lambda m, a, o: core_outputs.append(o)) for b in model.model.transformer.blocks]
     with torch.no_grad():

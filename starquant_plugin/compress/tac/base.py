@@ -1,5 +1,7 @@
 """TACModifier: Temporal Attention Compensation for llm-compressor."""
 
+from typing import Literal
+
 import torch
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
@@ -13,8 +15,8 @@ from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
 from ...quantization import fit_tac
 from ...quantization.mappings import tac_target
-from ...quantization.runtime import attach_runtime
-from ...quantization.tac import mask_ratio_bucket
+from ...quantization.runtime import attach_runtime, sequence_mask_ratio
+from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 
 __all__ = ["TACModifier"]
 
@@ -57,6 +59,9 @@ class TACModifier(Modifier):
 
     :param block_size: size of the diagonal blocks (default: head_dim; must divide it)
     :param num_buckets: mask-ratio buckets K (one map per bucket)
+    :param bucketing: `quantile` (default): bucket edges at the quantiles of the calibration
+        canvases' mask ratios, so every bucket holds 1/K of the steps (the ratio counts the
+        prompt, so it rarely nears 1); `uniform`: edges k/K. Stored in the checkpoint.
     :param ridge: ridge strength, relative to the mean input energy per channel
     :param num_trajectories: calibration rows decoded into trajectories
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
@@ -73,7 +78,10 @@ class TACModifier(Modifier):
     max_tokens_per_layer: int = Field(default=8192, gt=0)
     reference_model: str | None = None
 
+    bucketing: Literal["quantile", "uniform"] = "quantile"
+
     _rows: list = PrivateAttr(default_factory=list)
+    _edges: list = PrivateAttr(default_factory=list)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         config = state.model.config
@@ -103,6 +111,7 @@ class TACModifier(Modifier):
             "block_size": self.block_size or config.d_model // config.n_heads,
             "num_buckets": self.num_buckets,
             "ridge": self.ridge,
+            "bucket_edges": self._edges,
         }
         install_save_hook(state.model)
         return True
@@ -117,7 +126,11 @@ class TACModifier(Modifier):
         reference_path = self.reference_model or model.name_or_path
         logger.info(f"TAC: {len(canvases)} canvases; full-precision reference from {reference_path}")
         reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
-        ratios = torch.stack([(c == config.mask_token_id).float().mean() for c in canvases])
+        ratios = torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in canvases]).cpu()
+        edges = calibrated_bucket_edges(ratios, self.num_buckets) if self.bucketing == "quantile" else uniform_bucket_edges(self.num_buckets)
+        self._edges = edges
+        if edges:
+            logger.info(f"TAC: mask-ratio bucket edges {[round(e, 4) for e in edges]} ({self.bucketing})")
         block_size = self.block_size or config.d_model // config.n_heads
         blocks = model.model.transformer.blocks
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
@@ -128,11 +141,12 @@ class TACModifier(Modifier):
             if folded is not None:
                 full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
             tokens = torch.tensor([c.shape[1] for c in canvases])
-            buckets = mask_ratio_bucket(ratios, self.num_buckets).repeat_interleave(tokens)
+            buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
             keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
             tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
             target.register_buffer("tac_matrices", tac.matrices.to(target.weight.dtype).to(device))
             target.register_buffer("tac_offsets", tac.offsets.to(target.weight.dtype).to(device))
+            target.register_buffer("tac_bucket_edges", torch.tensor(edges, dtype=torch.float32, device=device), persistent=False)
             attach_runtime(model)
         del reference
 

@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from torch.nn import Parameter
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.layers.linear import (
@@ -127,8 +128,6 @@ class WNA16EmbeddingMethod(CompressedTensorsEmbeddingWNA16Int):
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         if input_.is_cuda:
             return super().embedding(layer, input_)
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
         ids = input_.reshape(-1)
         hidden, scale = layer.hidden_size, layer.weight_scale[ids]  # [n, groups]
         codes = unpack_from_int32(layer.weight_packed[ids], self.num_bits, torch.Size((ids.numel(), hidden)))
@@ -228,6 +227,8 @@ class StarQuantLinearMethod(LinearMethodBase):
                 raise ValueError(f"{layer.prefix}: TAC block {b} does not divide the input slice {input_size_per_partition}")
             add("tac_matrices", (buckets, input_size_per_partition // b, b, b), _sharded_loader(1))
             add("tac_offsets", (buckets, input_size_per_partition), _sharded_loader(1))
+            edges = torch.tensor(self.block.tac.edges, dtype=torch.float32)  # from config.json, not the weights
+            layer.register_buffer("tac_bucket_edges", edges, persistent=False)
 
     def process_weights_after_loading(self, layer) -> None:
         self.int4_group = _pack_cpu_int4(layer) if self.sgat and self.activation_bits == 8 else None
@@ -246,7 +247,7 @@ class StarQuantLinearMethod(LinearMethodBase):
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         context = current_token_context()
         if self.tac:
-            buckets = context.buckets(self.block.tac.num_buckets)
+            buckets = context.buckets(layer.tac_bucket_edges)
             x = torch.ops.starquant.tac(x, buckets, layer.tac_matrices, layer.tac_offsets)
         if self.sgat:
             if self.online_smoothing:

@@ -23,8 +23,8 @@ class TokenContext:
     states: torch.Tensor
     mask_ratio: torch.Tensor
 
-    def buckets(self, num_buckets: int) -> torch.Tensor:
-        return mask_ratio_bucket(self.mask_ratio, num_buckets)
+    def buckets(self, edges: torch.Tensor) -> torch.Tensor:
+        return mask_ratio_bucket(self.mask_ratio, edges)
 
 
 _CURRENT: list[TokenContext] = []
