@@ -80,11 +80,14 @@ def plot(results: dict, ranges: dict, figures: Path) -> list[str]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, label in (("starquant_w4a4", "SGAT + TAC"), ("starquant_w4a4_notac", "SGAT only")):
+    curves = (("starquant_w4a4", "SGAT + TAC", "C0", "-"), ("starquant_w4a4_notac", "SGAT only", "C0", "--"),
+              ("gptq_w4a4_tac", "GPTQ + TAC", "C1", "-"), ("gptq_w4a4", "GPTQ only", "C1", "--"))
+    for name, label, color, style in curves:
         if name in results and "drift" in results[name]:
             drift = results[name]["drift"]
-            axes[0].plot(drift["kl"], label=label)
-            axes[1].plot(drift["flipped"], label=label)
+            axes[0].plot(drift["kl"], style, color=color, label=label)
+            axes[1].plot(drift["flipped"], style, color=color, label=label)
+    axes[0].set_yscale("log")
     axes[0].set_title("KL(FP || quantized) at masked positions")
     axes[1].set_title("committed tokens differing from FP")
     for ax in axes:
@@ -101,8 +104,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--limit", type=int, default=500, help="evaluation examples")
     parser.add_argument("--nll-examples", type=int, default=40)
-    parser.add_argument("--drift-prompts", type=int, default=64)
-    parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
+    parser.add_argument("--drift-prompts", type=int, default=500, help="prompts of the drift measure (64 was too noisy to order TAC variants)")
+    parser.add_argument("--only", nargs="*", help="recipe names to run (default: all); the other rows are kept from --docs/results.json")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "compare")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
@@ -125,7 +128,7 @@ def main() -> None:
             "masked_nll": mean_masked_nll(model, tokenizer, examples[: args.nll_examples], mask),
             **extra,
         }
-        if name.startswith("starquant_w4a4") or name == "rtn_w4a4":
+        if "w4a4" in name:
             row["drift"] = trajectory_drift(model, reference, tokenizer, [e.prompt for e in examples[: args.drift_prompts]], sampling, mask)
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
         results[name] = row
@@ -140,6 +143,10 @@ def main() -> None:
         model, _ = load_llada(output)
         measure(name, model, {"quantize_seconds": summary["seconds"], "recipe": str(recipe.relative_to(ROOT))})
 
+    previous = args.docs / "results.json"
+    if args.only and previous.is_file():  # rerun some recipes: keep the other rows of the last full run
+        kept = json.loads(previous.read_text())["results"]
+        results = {name: results.get(name, row) for name, row in kept.items()} | results
     ranges = activation_ranges(reference, tokenizer, examples[:64], mask)
     figures = plot(results, ranges, args.docs / "figures")
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -174,6 +181,8 @@ def write_markdown(args, results, figures, machine) -> None:
         "Exact match on the held-out set (greedy, gen_length = steps = block = longest answer); masked NLL: "
         f"Monte-Carlo ELBO, 32 samples, nats per answer, first {args.nll_examples} examples. Quantized models are "
         "evaluated as fake-quant after reloading the written checkpoint (`starquant eval DIR`).",
+        *(["", f"Re-measured with `--only {' '.join(args.only)}`; the other rows are from the previous run "
+               "of this command (kept in results.json)."] if args.only else []),
         "",
         "| recipe | exact match (%) | Δ vs FP | add | sub | masked NLL | quantize (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -184,7 +193,7 @@ def write_markdown(args, results, figures, machine) -> None:
             f"{row['per_task'].get('add', 0) * 100:.1f} | {row['per_task'].get('sub', 0) * 100:.1f} | "
             f"{row['masked_nll']:.4f} | {row['quantize_seconds']} |"
         )
-    lines += ["", "Drift (per denoising step, W4A4; KL at masked positions / fraction of committed tokens that differ from FP):", ""]
+    lines += ["", f"Drift (per denoising step, W4A4, {args.drift_prompts} prompts; KL at masked positions / fraction of committed tokens that differ from FP):", ""]
     for name, row in results.items():
         if "drift" in row:
             kl = ", ".join(f"{v:.3f}" for v in row["drift"]["kl"])

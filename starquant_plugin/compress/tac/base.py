@@ -63,7 +63,7 @@ class TACModifier(Modifier):
         canvases' mask ratios, so every bucket holds 1/K of the steps (the ratio counts the
         prompt, so it rarely nears 1); `uniform`: edges k/K. Stored in the checkpoint.
     :param ridge: ridge strength, relative to the mean input energy per channel
-    :param num_trajectories: calibration rows decoded into trajectories
+    :param num_trajectories: calibration rows decoded into trajectories (evenly spaced over the set)
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
     :param reference_model: full-precision checkpoint directory (default: the model's own
         `name_or_path`, which llm-compressor requires to be set)
@@ -96,8 +96,10 @@ class TACModifier(Modifier):
         for batch in state.data.calib:
             for ids, keep in zip(batch["input_ids"], batch.get("attention_mask", batch["input_ids"] * 0 + 1)):
                 self._rows.append(ids[keep.bool()].cpu())
-                if len(self._rows) >= self.num_trajectories:
-                    return True
+        # Evenly spaced over the whole calibration set, not its first rows: consecutive rows are
+        # often one record masked at several ratios (the same prompt), which fits maps to few prompts.
+        picked = torch.linspace(0, len(self._rows) - 1, min(self.num_trajectories, len(self._rows))).round().long()
+        self._rows = [self._rows[i] for i in picked.tolist()]
         return True
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
