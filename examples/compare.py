@@ -194,11 +194,15 @@ def write_markdown(args, results, figures, machine) -> None:
             f"{row['masked_nll']:.4f} | {row['quantize_seconds']} |"
         )
     lines += ["", f"Drift (per denoising step, W4A4, {args.drift_prompts} prompts; KL at masked positions / fraction of committed tokens that differ from FP):", ""]
+    lines += ["| recipe | late-step KL | last-step flipped | KL per step | flipped per step |", "| --- | ---: | ---: | --- | --- |"]
     for name, row in results.items():
         if "drift" in row:
-            kl = ", ".join(f"{v:.3f}" for v in row["drift"]["kl"])
-            flipped = ", ".join(f"{v:.3f}" for v in row["drift"]["flipped"])
-            lines.append(f"- `{name}`: KL [{kl}]; flipped [{flipped}]")
+            kl, flipped = row["drift"]["kl"], row["drift"]["flipped"]
+            late = kl[len(kl) // 2:]  # the second half of the steps
+            lines.append(
+                f"| {name} | {sum(late) / len(late):.4f} | {flipped[-1]:.4f} | {', '.join(f'{v:.4f}' for v in kl)} | "
+                f"{', '.join(f'{v:.4f}' for v in flipped)} |"
+            )
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
     (args.docs / "results.md").write_text("\n".join(lines) + "\n")
 

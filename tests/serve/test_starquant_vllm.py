@@ -141,6 +141,20 @@ def test_vllm_exact_match_within_one_point_of_the_core(shipped_checkpoints, bits
     assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
 
 
+def test_second_model_serves_as_it_scores_in_the_core(tmp_path):
+    """examples/models/llada-gqa-6d: trained, GQA, bf16 in four shards, special ids 37-39, 7-token answers."""
+    from starquant_plugin.cli import main
+
+    output = quantize(ROOT / "examples" / "models" / "llada-gqa-6d", "starquant_w4a8.yaml", tmp_path / "w4a8")
+    scores = {}
+    for backend in ("core", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["eval", str(output), "--backend", backend, "--batch-size", "100", "--limit", "200",
+                     "--json", str(out)]) == 0
+        scores[backend] = json.loads(out.read_text())["exact_match"]
+    assert scores["core"] > 0.7 and abs(scores["vllm"] - scores["core"]) <= 0.02, scores
+
+
 def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     """GQA puts SGAT's smoothing online at the attention output; TP=2 splits every STaR-Quant tensor."""
     config = tiny_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=512)
