@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
+.PHONY: compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
@@ -47,6 +47,11 @@ demo: setup
 # Every recipe on the shipped model -> docs/results.md (+ figures); about 15-25 min on 2 cores.
 compare: setup-compress
 	$(COMPRESS)/bin/python examples/compare.py
+
+# The same recipes on the second trained model (GQA, bf16 in 4 shards) -> docs/llada-gqa-6d/; about 30 min.
+compare-second-model: setup-compress
+	$(COMPRESS)/bin/python examples/compare.py --model examples/models/llada-gqa-6d --docs docs/llada-gqa-6d \
+		--work results/compare-llada-gqa-6d --dtype float32
 
 # Speed and memory of every variant against bf16 at LLaDA-8B shapes (2 blocks, random weights),
 # canvas 512, batch 1, all cores -> results/bench_llada8b.json; docs/performance.md has the numbers.

@@ -103,6 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--limit", type=int, default=500, help="evaluation examples")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32"],
+                        help="evaluation dtype (float32: bf16 checkpoints on CPUs without bf16 units)")
     parser.add_argument("--nll-examples", type=int, default=40)
     parser.add_argument("--drift-prompts", type=int, default=500, help="prompts of the drift measure (64 was too noisy to order TAC variants)")
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all); the other rows are kept from --docs/results.json")
@@ -112,7 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     examples = load_tasks(args.model / "eval.jsonl")[: args.limit]
-    reference, tokenizer = load_llada(args.model)
+    reference, tokenizer = load_llada(args.model, dtype=args.dtype)
     mask = reference.config.mask_token_id
     sampling = default_sampling(tokenizer, examples)
     results = {}
@@ -140,7 +142,7 @@ def main() -> None:
             continue
         output = args.work / name
         summary = quantize(args.model, recipe, output, overwrite=True)
-        model, _ = load_llada(output)
+        model, _ = load_llada(output, dtype=args.dtype)
         measure(name, model, {"quantize_seconds": summary["seconds"], "recipe": str(recipe.relative_to(ROOT))})
 
     previous = args.docs / "results.json"
@@ -172,6 +174,8 @@ def write_markdown(args, results, figures, machine) -> None:
     command = f"examples/compare.py --limit {args.limit}"
     if not shipped:
         command += f" --model {args.model} --docs {args.docs} --work {args.work}"
+    if args.dtype != "auto":
+        command += f" --dtype {args.dtype}"
     lines = [
         "# Results on the shipped model" if shipped else f"# Results on `{args.model.name}`",
         "",
