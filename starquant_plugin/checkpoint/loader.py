@@ -10,7 +10,7 @@ from torch import nn
 
 from ..quantization.hadamard import rotation_block_for
 from ..quantization.mappings import sgat_sites, tac_target
-from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime
+from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime, attach_tac_bucket_edges
 from .config import StarQuantConfig, describe_validation_error
 
 __all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config", "apply_online_transforms"]
@@ -126,7 +126,7 @@ def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -
                 raise ValueError(f"{directory}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
             _attach(target, "tac_matrices", _expect(tensors, f"{name}.tac_matrices", (buckets, width // b, b, b), directory))
             _attach(target, "tac_offsets", _expect(tensors, f"{name}.tac_offsets", (buckets, width), directory))
-            target.register_buffer("tac_bucket_edges", torch.tensor(block.tac.edges, dtype=torch.float32, device=target.weight.device), persistent=False)
+            attach_tac_bucket_edges(target, block.tac.edges)
     if tensors:
         raise ValueError(
             f"{directory}: STaR-Quant tensors the starquant_config does not account for: {sorted(tensors)[:3]}"

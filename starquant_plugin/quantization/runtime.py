@@ -23,7 +23,7 @@ from .tac import TACMap, apply_tac, mask_ratio_bucket, uniform_bucket_edges
 
 __all__ = [
     "SGAT_BUFFERS", "TAC_BUFFERS", "TokenStateTracker", "attach_runtime", "detach_runtime", "activation_bits",
-    "sequence_mask_ratio",
+    "sequence_mask_ratio", "attach_tac_bucket_edges",
 ]
 
 SGAT_BUFFERS = ("sgat_shift", "sgat_clip", "sgat_compensation")
@@ -95,6 +95,12 @@ def tac_bucket_edges(module: nn.Module) -> torch.Tensor | list[float]:
     """The mask-ratio bucket edges of a TAC site (equal-width when none were calibrated)."""
     edges = getattr(module, "tac_bucket_edges", None)
     return uniform_bucket_edges(module.tac_matrices.shape[0]) if edges is None else edges
+
+
+def attach_tac_bucket_edges(module: nn.Module, edges: list[float]) -> None:
+    """Register a TAC site's bucket edges beside its maps (non-persistent: config.json holds them)."""
+    edges = torch.tensor(edges, dtype=torch.float32, device=module.weight.device)
+    module.register_buffer("tac_bucket_edges", edges, persistent=False)
 
 
 def sgat_site_of(module: nn.Module) -> SGATSite:

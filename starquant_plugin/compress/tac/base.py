@@ -15,7 +15,7 @@ from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
 from ...quantization import fit_tac
 from ...quantization.mappings import tac_target
-from ...quantization.runtime import attach_runtime, sequence_mask_ratio
+from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, sequence_mask_ratio
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 
 __all__ = ["TACModifier"]
@@ -148,7 +148,7 @@ class TACModifier(Modifier):
             tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
             target.register_buffer("tac_matrices", tac.matrices.to(target.weight.dtype).to(device))
             target.register_buffer("tac_offsets", tac.offsets.to(target.weight.dtype).to(device))
-            target.register_buffer("tac_bucket_edges", torch.tensor(edges, dtype=torch.float32, device=device), persistent=False)
+            attach_tac_bucket_edges(target, edges)
             attach_runtime(model)
         del reference
 
