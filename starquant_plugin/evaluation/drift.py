@@ -4,7 +4,14 @@ import torch
 
 from ..diffusion import DiffusionSamplingConfig, TrajectoryStep, diffusion_generate, hf_logits_fn, masked_nll
 
-__all__ = ["trajectory_drift", "mean_masked_nll"]
+__all__ = ["masked_position_kl", "trajectory_drift", "mean_masked_nll"]
+
+
+def masked_position_kl(reference_logits: torch.Tensor, quantized_logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """KL(p_fp || p_q) per position where `masked` [batch, seq] is true (in float64), as a flat tensor."""
+    fp_logp = torch.log_softmax(reference_logits.double(), -1)
+    q_logp = torch.log_softmax(quantized_logits.double(), -1)
+    return (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)[masked]
 
 
 @torch.no_grad()
@@ -26,10 +33,12 @@ def trajectory_drift(
     def record(step: TrajectoryStep) -> None:
         canvas_mask = torch.cat([attention, torch.ones_like(step.input_ids[:, prompt_length:])], 1)
         masked = step.input_ids == mask_token_id
-        q_logp = torch.log_softmax(quantized(step.input_ids, attention_mask=canvas_mask).logits.double(), -1)
-        fp_logp = torch.log_softmax(reference(step.input_ids, attention_mask=canvas_mask).logits.double(), -1)
-        divergence = (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)
-        kl.append(float(divergence[masked].mean()) if masked.any() else 0.0)
+        divergence = masked_position_kl(
+            reference(step.input_ids, attention_mask=canvas_mask).logits,
+            quantized(step.input_ids, attention_mask=canvas_mask).logits,
+            masked,
+        )
+        kl.append(float(divergence.mean()) if masked.any() else 0.0)
         committed = step.canvas[:, prompt_length:] != mask_token_id
         differs = (step.canvas[:, prompt_length:] != fp_final[:, prompt_length:]) & committed
         flipped.append(float(differs.sum() / committed.sum().clamp(min=1)))

@@ -4,7 +4,7 @@ both adapters call)."""
 from .hadamard import block_hadamard, hadamard_matrix
 from .quantizers import fake_quantize_per_token, fake_quantize_weight
 from .sgat import SGATSite, build_sgat_site, search_state_clip, sgat_linear, sgat_transform_input, sgat_transform_weight
-from .tac import TACMap, apply_tac, fit_tac
+from .tac import TACMap, apply_tac, fit_tac, shrink_tac
 
 __all__ = [
     "SGATSite",
@@ -20,4 +20,5 @@ __all__ = [
     "sgat_linear",
     "sgat_transform_input",
     "sgat_transform_weight",
+    "shrink_tac",
 ]

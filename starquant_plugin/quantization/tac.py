@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TACMap", "fit_tac", "apply_tac", "mask_ratio_bucket", "uniform_bucket_edges", "calibrated_bucket_edges"]
+__all__ = ["TACMap", "fit_tac", "apply_tac", "shrink_tac", "mask_ratio_bucket", "uniform_bucket_edges", "calibrated_bucket_edges"]
 
 
 @dataclass
@@ -98,6 +98,12 @@ def fit_tac(
         matrices[bucket] = solution[:, :block_size].transpose(1, 2)
         offsets[bucket] = solution[:, block_size].reshape(dim)
     return TACMap(matrices.to(quantized.dtype), offsets.to(quantized.dtype))
+
+
+def shrink_tac(tac: TACMap, strength: float) -> TACMap:
+    """The map moved toward the identity: `A' = I + s (A - I)`, `c' = s c` (s = 1 keeps it, 0 is the identity)."""
+    eye = torch.eye(tac.block_size, dtype=tac.matrices.dtype, device=tac.matrices.device)
+    return TACMap(eye + strength * (tac.matrices - eye), strength * tac.offsets)
 
 
 def apply_tac(attention_output: torch.Tensor, tac: TACMap, buckets: torch.Tensor | None = None) -> torch.Tensor:

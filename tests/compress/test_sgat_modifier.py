@@ -105,6 +105,7 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
       num_buckets: 2
       ridge: 0.01
       num_trajectories: 8
+      validation_trajectories: 0
 """
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
             shuffle_calibration_samples=False)
@@ -131,6 +132,43 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
     attach_runtime(model)
     without_tac = error()
     assert with_tac < without_tac, (with_tac, without_tac)
+
+
+TAC_AFTER_W4A8 = RECIPE.replace("weight_bits: 8", "weight_bits: 4") + """    GPTQModifier:
+      targets: ["Linear"]
+      ignore: ["model.transformer.ff_out"]
+      scheme: W4A8
+    TACModifier:
+      num_trajectories: 6
+      validation_trajectories: 4
+"""
+
+
+def test_tac_keeps_per_layer_the_strength_with_the_lowest_held_out_block_error(tiny_setup):
+    directory, config, tokenizer, dataset = tiny_setup
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    recipe = Recipe.create_instance(TAC_AFTER_W4A8)
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
+            shuffle_calibration_samples=False)
+    (tac,) = [m for m in recipe.modifiers if type(m).__name__ == "TACModifier"]
+    assert tac.strengths == [1.0, 0.5, 0.0] and len(tac.chosen_errors) == config["n_layers"]
+    for strength, errors in zip(tac.chosen_strengths, tac.chosen_errors):
+        assert list(errors) == [1.0, 0.5, 0.0] and errors[strength] == min(errors.values())
+
+
+def test_tac_strength_zero_leaves_the_identity(tiny_setup):
+    directory, config, tokenizer, dataset = tiny_setup
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=TAC_AFTER_W4A8 + "      strengths: [0.0]\n",
+            num_calibration_samples=len(dataset), shuffle_calibration_samples=False)
+    for block in model.model.transformer.blocks:
+        torch.testing.assert_close(block.attn_out.tac_matrices.float(), torch.eye(32).expand(1, 4, 32, 32))
+        assert block.attn_out.tac_offsets.abs().max() == 0
+
+
+def test_tac_strengths_outside_zero_one_read_clearly():
+    with pytest.raises(Exception, match="strengths must lie in \\[0, 1\\]"):
+        Recipe.create_instance(TAC_AFTER_W4A8 + "      strengths: [1.5, 0.0]\n")
 
 
 def test_registration_is_lazy_and_works_in_either_import_order():

@@ -89,3 +89,17 @@ def test_spread_mask_ratios_cover_unit_interval():
     assert torch.equal(torch.floor(ratios * 8).long(), torch.arange(8))  # one ratio per stratum
     with pytest.raises(ValueError, match="count must be positive"):
         spread_mask_ratios(0)
+
+
+def test_masked_position_kl_is_the_kl_at_masked_positions_only():
+    from starquant_plugin.evaluation.drift import masked_position_kl
+
+    generator = torch.Generator().manual_seed(0)
+    fp, quantized = torch.randn(2, 5, VOCAB, generator=generator), torch.randn(2, 5, VOCAB, generator=generator)
+    masked = torch.tensor([[True, False, True, False, False], [False, False, False, False, True]])
+    kl = masked_position_kl(fp, quantized, masked)
+    assert kl.shape == (3,)
+    p, q = fp.double().softmax(-1)[masked], quantized.double().softmax(-1)[masked]
+    torch.testing.assert_close(kl, (p * (p.log() - q.log())).sum(-1))
+    assert (kl > 0).all()
+    assert masked_position_kl(fp, fp, masked).abs().max() < 1e-12

@@ -15,7 +15,7 @@ from starquant_plugin.quantization import (
     sgat_transform_weight,
 )
 from starquant_plugin.quantization.sgat import sgat_compensation
-from starquant_plugin.quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
+from starquant_plugin.quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, shrink_tac, uniform_bucket_edges
 
 
 def state_disparate_inputs(tokens=512, dim=64, seed=0, dtype=torch.float64):
@@ -119,6 +119,17 @@ def test_tac_recovers_a_known_blockwise_affine_distortion():
     # A strong ridge pulls the map back toward the identity.
     shrunk = fit_tac(o_q, o_fp, block_size=b, ridge=1e3)
     assert (shrunk.matrices[0] - torch.eye(b)).abs().mean() < (fitted.matrices[0] - torch.eye(b)).abs().mean()
+
+
+def test_shrink_tac_interpolates_between_the_fitted_map_and_the_identity():
+    g = torch.Generator().manual_seed(2)
+    o_q = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    o_fp = o_q @ (torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64)) + 1.0
+    fitted = fit_tac(o_q, o_fp, block_size=8, ridge=1e-8)
+    full, half, none = (apply_tac(o_q, shrink_tac(fitted, s)) for s in (1.0, 0.5, 0.0))
+    torch.testing.assert_close(full, apply_tac(o_q, fitted))
+    torch.testing.assert_close(none, o_q)  # strength 0 is the identity map with no offset
+    torch.testing.assert_close(half, (full + o_q) / 2)
 
 
 def test_tac_buckets_fit_separate_maps_by_mask_ratio():

@@ -6,14 +6,14 @@ import torch
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ...checkpoint.writer import install_save_hook
 from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
-from ...quantization import fit_tac
+from ...quantization import fit_tac, shrink_tac
 from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, sequence_mask_ratio
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
@@ -36,6 +36,13 @@ class TACModifier(Modifier):
     *quantized* model's own multi-step trajectories. Layers are fitted in order, each
     with the earlier ones corrected; optionally one map per mask-ratio bucket.
 
+    A map that matches the attention output better can still make the block's output
+    worse (the MLP after it amplifies what the map adds; docs/llada-gqa-6d/results.md).
+    So each fitted map is checked on held-out trajectories (calibration rows not used
+    for fitting): of the maps `I + s (A - I), s c` for s in `strengths`, the layer keeps
+    the one whose block output is closest to the full-precision block's (s = 0 is the
+    identity: no correction where none helps).
+
     Place it after the weight quantizer:
 
     example recipe:
@@ -54,7 +61,8 @@ class TACModifier(Modifier):
         - on_calibration_end: decode the calibration prompts with the quantized model,
           recording every step's canvas; load the full-precision reference; for each
           layer in order capture both models' attention outputs on those canvases, fit
-          the maps and attach them
+          the maps, keep the strength whose block output is closest to full precision
+          on the held-out trajectories, and attach them
         - on_finalize: record the settings on the model for the checkpoint writer
 
     :param block_size: size of the diagonal blocks (default: head_dim; must divide it)
@@ -64,6 +72,9 @@ class TACModifier(Modifier):
         prompt, so it rarely nears 1); `uniform`: edges k/K. Stored in the checkpoint.
     :param ridge: ridge strength, relative to the mean input energy per channel
     :param num_trajectories: calibration rows decoded into trajectories (evenly spaced over the set)
+    :param validation_trajectories: further calibration rows (evenly spaced over the rest)
+        whose trajectories choose each layer's strength; 0 keeps every fitted map as it is
+    :param strengths: candidate strengths s of the fitted map (1 = as fitted, 0 = identity)
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
     :param reference_model: full-precision checkpoint directory (default: the model's own
         `name_or_path`, which llm-compressor requires to be set)
@@ -76,12 +87,24 @@ class TACModifier(Modifier):
     ridge: float = Field(default=1e-2, ge=0.0)
     num_trajectories: int = Field(default=16, gt=0)
     max_tokens_per_layer: int = Field(default=8192, gt=0)
+    validation_trajectories: int = Field(default=8, ge=0)
+    strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0], min_length=1)
     reference_model: str | None = None
 
     bucketing: Literal["quantile", "uniform"] = "quantile"
 
     _rows: list = PrivateAttr(default_factory=list)
+    _errors: list = PrivateAttr(default_factory=list)
+    _validation_rows: list = PrivateAttr(default_factory=list)
+    _chosen: list = PrivateAttr(default_factory=list)
     _edges: list = PrivateAttr(default_factory=list)
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths_in_unit_interval(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= s <= 1 for s in value):
+            raise ValueError(f"TACModifier.strengths must lie in [0, 1], got {value}")
+        return value
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         config = state.model.config
@@ -92,14 +115,18 @@ class TACModifier(Modifier):
             raise ValueError(f"TACModifier.block_size={self.block_size} does not divide head_dim={head_dim}")
         if getattr(state, "data", None) is None or state.data.calib is None:
             raise ValueError("TACModifier requires calibration data (prompts to decode into trajectories)")
-        self._rows = []
+        rows = []
         for batch in state.data.calib:
             for ids, keep in zip(batch["input_ids"], batch.get("attention_mask", batch["input_ids"] * 0 + 1)):
-                self._rows.append(ids[keep.bool()].cpu())
+                rows.append(ids[keep.bool()].cpu())
         # Evenly spaced over the whole calibration set, not its first rows: consecutive rows are
         # often one record masked at several ratios (the same prompt), which fits maps to few prompts.
-        picked = torch.linspace(0, len(self._rows) - 1, min(self.num_trajectories, len(self._rows))).round().long()
-        self._rows = [self._rows[i] for i in picked.tolist()]
+        fitting = _spread(range(len(rows)), self.num_trajectories)
+        rest = [i for i in range(len(rows)) if i not in set(fitting)]
+        self._rows = [rows[i] for i in fitting]
+        self._validation_rows = [rows[i] for i in _spread(rest, self.validation_trajectories)]
+        if self.validation_trajectories and not self._validation_rows:
+            logger.warning("TAC: no calibration rows left for validation; every fitted map is kept as fitted")
         return True
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -125,6 +152,7 @@ class TACModifier(Modifier):
         canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id)
         if not canvases:
             raise ValueError("TACModifier: no calibration row contains a mask token to decode")
+        held_out = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._validation_rows], config.mask_token_id)
         reference_path = self.reference_model or model.name_or_path
         logger.info(f"TAC: {len(canvases)} canvases; full-precision reference from {reference_path}")
         reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
@@ -134,11 +162,12 @@ class TACModifier(Modifier):
         if edges:
             logger.info(f"TAC: mask-ratio bucket edges {[round(e, 4) for e in edges]} ({self.bucketing})")
         block_size = self.block_size or config.d_model // config.n_heads
-        blocks = model.model.transformer.blocks
+        blocks, reference_blocks = model.model.transformer.blocks, reference.model.transformer.blocks
+        self._chosen, self._errors = [], []
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
             target = tac_target(blocks[index], config)
-            quantized = self._attention_outputs(model, target, canvases)
-            full = self._attention_outputs(reference, tac_target(reference.model.transformer.blocks[index], config), canvases)
+            quantized = _capture(model, target, canvases)
+            full = _capture(reference, tac_target(reference_blocks[index], config), canvases)
             folded = getattr(target, "_sgat_folded_smoothing", None)
             if folded is not None:
                 full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
@@ -146,28 +175,72 @@ class TACModifier(Modifier):
             buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
             keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
             tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
-            target.register_buffer("tac_matrices", tac.matrices.to(target.weight.dtype).to(device))
-            target.register_buffer("tac_offsets", tac.offsets.to(target.weight.dtype).to(device))
-            attach_tac_bucket_edges(target, edges)
-            attach_runtime(model)
+            if held_out:
+                wanted = _capture(reference, reference_blocks[index], held_out, output=True)
+                errors = {}
+                for strength in dict.fromkeys(self.strengths):
+                    _attach(model, target, shrink_tac(tac, strength), edges)
+                    got = _capture(model, blocks[index], held_out, output=True)
+                    errors[strength] = float((got - wanted).pow(2).sum() / wanted.pow(2).sum().clamp(min=1e-30))
+                strength = min(errors, key=errors.get)  # ties: the earlier in `strengths`
+                tac = shrink_tac(tac, strength)
+                self._chosen.append(strength)
+                self._errors.append(errors)
+                logger.info(f"TAC layer {index}: held-out block-output error " +
+                            ", ".join(f"s={s:g}: {e:.3e}" for s, e in errors.items()) + f"; keeps s={strength:g}")
+            _attach(model, target, tac, edges)
+        if self._chosen:
+            logger.info(f"TAC: strengths kept per layer {self._chosen}")
         del reference
 
-    @staticmethod
-    def _attention_outputs(model, target, canvases) -> torch.Tensor:
-        """Rows [tokens, width] of `target`'s raw input (before any TAC/SGAT hook) on each canvas."""
-        rows = []
+    @property
+    def chosen_strengths(self) -> list[float]:
+        """The strength each layer kept (empty without validation)."""
+        return list(self._chosen)
 
-        def capture(module, args):
-            rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
-            raise _Captured
+    @property
+    def chosen_errors(self) -> list[dict[float, float]]:
+        """Per layer, the held-out relative block-output error of each candidate strength."""
+        return [dict(e) for e in self._errors]
 
-        handle = target.register_forward_pre_hook(capture, prepend=True)
-        try:
-            for canvas in canvases:
-                try:
-                    model(input_ids=canvas)
-                except _Captured:
-                    pass
-        finally:
-            handle.remove()
-        return torch.cat(rows)
+
+def _spread(indices, count: int) -> list[int]:
+    """`count` of `indices`, evenly spaced (all of them when there are fewer)."""
+    indices = list(indices)
+    if not indices or count == 0:
+        return []
+    picked = torch.linspace(0, len(indices) - 1, min(count, len(indices))).round().long()
+    return [indices[i] for i in picked.tolist()]
+
+
+def _attach(model, target, tac, edges) -> None:
+    device = target.weight.device
+    target.register_buffer("tac_matrices", tac.matrices.to(target.weight.dtype).to(device))
+    target.register_buffer("tac_offsets", tac.offsets.to(target.weight.dtype).to(device))
+    attach_tac_bucket_edges(target, edges)
+    attach_runtime(model)
+
+
+def _capture(model, module, canvases, output: bool = False) -> torch.Tensor:
+    """Rows [tokens, width] of `module`'s raw input (before any TAC/SGAT hook) or its output
+    on each canvas; the forward stops there."""
+    rows = []
+
+    def keep(value):
+        value = value[0] if isinstance(value, tuple) else value
+        rows.append(value.reshape(-1, value.shape[-1]).float().cpu())
+        raise _Captured
+
+    if output:
+        handle = module.register_forward_hook(lambda m, args, result: keep(result))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]), prepend=True)
+    try:
+        for canvas in canvases:
+            try:
+                model(input_ids=canvas)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(rows)
