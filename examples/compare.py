@@ -20,7 +20,7 @@ from starquant_plugin.assets import SHIPPED_MODEL
 from starquant_plugin.compress.quantize import quantize
 from starquant_plugin.diffusion import masked_state
 from starquant_plugin.evaluation import core_generate_fn, default_sampling, evaluate_examples, load_tasks
-from starquant_plugin.evaluation.drift import mean_masked_nll, trajectory_drift
+from starquant_plugin.evaluation.drift import late_step_mean, mean_masked_nll, trajectory_drift
 from starquant_plugin.models import load_llada
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,9 +202,8 @@ def write_markdown(args, results, figures, machine) -> None:
     for name, row in results.items():
         if "drift" in row:
             kl, flipped = row["drift"]["kl"], row["drift"]["flipped"]
-            late = kl[len(kl) // 2:]  # the second half of the steps
             lines.append(
-                f"| {name} | {sum(late) / len(late):.4f} | {flipped[-1]:.4f} | {', '.join(f'{v:.4f}' for v in kl)} | "
+                f"| {name} | {late_step_mean(kl):.4f} | {flipped[-1]:.4f} | {', '.join(f'{v:.4f}' for v in kl)} | "
                 f"{', '.join(f'{v:.4f}' for v in flipped)} |"
             )
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]

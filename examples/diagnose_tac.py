@@ -15,7 +15,7 @@
   bootstrap 95% interval, its median, and how much of it the worst prompts carry.
 
 Prompts are spread evenly over the model's `eval.jsonl`. Used for docs/llada-gqa-6d/results.md
-("Why TAC raises the drift here").
+("Why TAC raised the drift here").
 """
 
 import argparse
@@ -28,8 +28,9 @@ from starquant_plugin.assets import SHIPPED_MODEL
 from starquant_plugin.data import trajectory_canvases
 from starquant_plugin.diffusion import hf_logits_fn
 from starquant_plugin.evaluation import default_sampling, load_tasks
-from starquant_plugin.evaluation.drift import masked_position_kl, trajectory_drift
+from starquant_plugin.evaluation.drift import late_step_mean, masked_position_kl, trajectory_drift
 from starquant_plugin.models import load_llada
+from starquant_plugin.quantization import TACMap, shrink_tac
 from starquant_plugin.quantization.mappings import tac_target
 
 
@@ -59,17 +60,17 @@ def layers(args, fp, tokenizer, examples) -> None:
     targets = [tac_target(block, quantized.config) for block in quantized.model.transformer.blocks]
     if not all(hasattr(t, "tac_matrices") for t in targets):
         raise SystemExit(f"{args.checkpoints[0]}: not every layer has TAC maps")
-    saved = [(t.tac_matrices.clone(), t.tac_offsets.clone()) for t in targets]
+    saved = [TACMap(t.tac_matrices.clone(), t.tac_offsets.clone()) for t in targets]
     canvases = fp_canvases(fp, tokenizer, examples)
     with torch.no_grad():
         reference = [fp(input_ids=c).logits for c in canvases]
     mask = fp.config.mask_token_id
 
     def use(keep) -> None:
-        for index, (target, (matrices, offsets)) in enumerate(zip(targets, saved)):
-            eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype).expand_as(matrices)
-            target.tac_matrices.copy_(matrices if keep(index) else eye)
-            target.tac_offsets.copy_(offsets if keep(index) else torch.zeros_like(offsets))
+        for index, (target, fitted) in enumerate(zip(targets, saved)):
+            tac = shrink_tac(fitted, 1.0 if keep(index) else 0.0)  # strength 0: the identity
+            target.tac_matrices.copy_(tac.matrices)
+            target.tac_offsets.copy_(tac.offsets)
 
     print(f"{len(canvases)} canvases of {len(examples)} prompts; mean masked-position KL(FP || Q):")
     for name, keep in [("every map", lambda i: True), ("no map (TAC off)", lambda i: False)] + [
@@ -127,7 +128,7 @@ def paired(args, fp, tokenizer, examples) -> None:
         values = []
         for example in examples:
             kl = trajectory_drift(quantized, fp, tokenizer, [example.prompt], sampling, fp.config.mask_token_id)["kl"]
-            values.append(sum(kl[len(kl) // 2:]) / len(kl[len(kl) // 2:]))
+            values.append(late_step_mean(kl))
         late[checkpoint] = torch.tensor(values, dtype=torch.float64)
         print(f"{checkpoint}: late-step KL mean {float(late[checkpoint].mean()):.4f} median {float(late[checkpoint].median()):.2e}", flush=True)
     a, b = (late[c] for c in args.checkpoints)

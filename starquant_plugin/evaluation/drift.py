@@ -4,7 +4,7 @@ import torch
 
 from ..diffusion import DiffusionSamplingConfig, TrajectoryStep, diffusion_generate, hf_logits_fn, masked_nll
 
-__all__ = ["masked_position_kl", "trajectory_drift", "mean_masked_nll"]
+__all__ = ["late_step_mean", "masked_position_kl", "trajectory_drift", "mean_masked_nll"]
 
 
 def masked_position_kl(reference_logits: torch.Tensor, quantized_logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -12,6 +12,12 @@ def masked_position_kl(reference_logits: torch.Tensor, quantized_logits: torch.T
     fp_logp = torch.log_softmax(reference_logits.double(), -1)
     q_logp = torch.log_softmax(quantized_logits.double(), -1)
     return (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)[masked]
+
+
+def late_step_mean(per_step: list[float]) -> float:
+    """Mean over the second half of the denoising steps (the late-step drift of the reports)."""
+    late = per_step[len(per_step) // 2:]
+    return sum(late) / len(late)
 
 
 @torch.no_grad()
