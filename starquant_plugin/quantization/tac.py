@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TACMap", "fit_tac", "apply_tac", "shrink_tac", "mask_ratio_bucket", "uniform_bucket_edges", "calibrated_bucket_edges"]
+__all__ = ["TACMap", "fit_tac", "fit_tac_to_output", "apply_tac", "shrink_tac", "mask_ratio_bucket", "uniform_bucket_edges", "calibrated_bucket_edges"]
 
 
 @dataclass
@@ -55,6 +55,58 @@ def mask_ratio_bucket(mask_ratio: torch.Tensor, edges: torch.Tensor | list[float
     return torch.bucketize(mask_ratio, edges)
 
 
+def _ridge_terms(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lam` per block (`ridge` times the block's mean input energy per channel, from the design's
+    gram [blocks, b+1, b+1]) and the penalty pattern [b+1, b+1] (the matrix only: the offset is
+    not pulled toward anything)."""
+    block_size = gram.shape[-1] - 1
+    lam = ridge * gram[:, :block_size, :block_size].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+    penalty = torch.zeros(block_size + 1, block_size + 1, dtype=torch.float64)
+    penalty[:block_size, :block_size] = torch.eye(block_size, dtype=torch.float64)
+    return lam, penalty
+
+
+def _ridge_toward_identity(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Per block, `[A^T; c^T]` [blocks, b+1, b] minimising `||x A^T + c - y||^2 + lam ||A - I||^2`
+    (float64 `x`, `y` [blocks, N, b]; `lam` = `ridge` times the block's mean input energy per channel;
+    the offset is not pulled toward anything)."""
+    block_size = x.shape[-1]
+    eye = torch.eye(block_size, dtype=torch.float64)
+    ones = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
+    design = torch.cat([x, ones], -1)  # [blocks, N, b+1]
+    gram = design.transpose(1, 2) @ design
+    lam, penalty = _ridge_terms(gram, ridge)
+    prior = torch.cat([eye, torch.zeros(1, block_size, dtype=torch.float64)], 0)  # [b+1, b]
+    lhs = gram + lam[:, None, None] * penalty
+    rhs = design.transpose(1, 2) @ y + lam[:, None, None] * prior
+    return torch.linalg.solve(lhs, rhs)
+
+
+def _tac_map(solutions: list[torch.Tensor | None], block_size: int, n_blocks: int, dtype: torch.dtype) -> TACMap:
+    """A TACMap from each bucket's `[A^T; c^T]` blocks [blocks, b+1, b] (None: the identity)."""
+    eye = torch.eye(block_size, dtype=torch.float64)
+    matrices = eye.expand(len(solutions), n_blocks, -1, -1).clone()
+    offsets = torch.zeros(len(solutions), n_blocks * block_size, dtype=torch.float64)
+    for bucket, solution in enumerate(solutions):
+        if solution is not None:
+            matrices[bucket] = solution[:, :block_size].transpose(1, 2)
+            offsets[bucket] = solution[:, block_size].reshape(-1)
+    return TACMap(matrices.to(dtype), offsets.to(dtype))
+
+
+def _bucket_rows(tokens: int, buckets: torch.Tensor | None, num_buckets: int):
+    """Per bucket, the boolean row selection (None where the bucket holds no row)."""
+    if buckets is None:
+        buckets = torch.zeros(tokens, dtype=torch.long)
+    return [(rows if rows.any() else None) for rows in (buckets == k for k in range(num_buckets))]
+
+
+def _check_block_size(dim: int, block_size: int) -> int:
+    if dim % block_size:
+        raise ValueError(f"TAC block size {block_size} does not divide the attention width {dim}")
+    return dim // block_size
+
+
 def fit_tac(
     quantized: torch.Tensor,
     reference: torch.Tensor,
@@ -71,33 +123,96 @@ def fit_tac(
         buckets: [tokens] bucket index of each token (None = all in bucket 0).
     """
     tokens, dim = quantized.shape
-    if dim % block_size:
-        raise ValueError(f"TAC block size {block_size} does not divide the attention width {dim}")
-    n_blocks = dim // block_size
-    if buckets is None:
-        buckets = torch.zeros(tokens, dtype=torch.long)
-    eye = torch.eye(block_size, dtype=torch.float64)
-    matrices = eye.expand(num_buckets, n_blocks, -1, -1).clone()
-    offsets = torch.zeros(num_buckets, dim, dtype=torch.float64)
-    for bucket in range(num_buckets):
-        rows = buckets == bucket
-        if not rows.any():
-            continue  # no data: identity
+    n_blocks = _check_block_size(dim, block_size)
+    solutions = []
+    for rows in _bucket_rows(tokens, buckets, num_buckets):
+        if rows is None:
+            solutions.append(None)  # no data: identity
+            continue
         x = quantized[rows].double().reshape(-1, n_blocks, block_size).transpose(0, 1)  # [blocks, N, b]
         y = reference[rows].double().reshape(-1, n_blocks, block_size).transpose(0, 1)
-        ones = torch.ones(*x.shape[:2], 1, dtype=torch.float64)
-        design = torch.cat([x, ones], -1)  # [blocks, N, b+1]
-        gram = design.transpose(1, 2) @ design
-        lam = ridge * gram[:, :block_size, :block_size].diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
-        penalty = torch.zeros(block_size + 1, block_size + 1, dtype=torch.float64)
-        penalty[:block_size, :block_size] = eye  # the offset is not pulled toward anything
-        prior = torch.cat([eye, torch.zeros(1, block_size, dtype=torch.float64)], 0)  # [b+1, b]
-        lhs = gram + lam[:, None, None] * penalty
-        rhs = design.transpose(1, 2) @ y + lam[:, None, None] * prior
-        solution = torch.linalg.solve(lhs, rhs)  # [blocks, b+1, b]
-        matrices[bucket] = solution[:, :block_size].transpose(1, 2)
-        offsets[bucket] = solution[:, block_size].reshape(dim)
-    return TACMap(matrices.to(quantized.dtype), offsets.to(quantized.dtype))
+        solutions.append(_ridge_toward_identity(x, y, ridge))
+    return _tac_map(solutions, block_size, n_blocks, quantized.dtype)
+
+
+def fit_tac_to_output(
+    quantized: torch.Tensor,
+    error: torch.Tensor,
+    weight: torch.Tensor,
+    block_size: int,
+    ridge: float = 1e-2,
+    buckets: torch.Tensor | None = None,
+    num_buckets: int = 1,
+    iterations: int = 16,
+) -> TACMap:
+    """Fit the map so that the o-projection's *output* (what the residual stream receives)
+    moves toward full precision: `min ||sum_h ((A_h - I) o_h + c_h) W_h - e||^2 + lam sum_h ||(A_h - I) W_h||^2`.
+
+    The map still acts on the attention output, block by block, but the projection mixes the
+    blocks, so they are fitted jointly: conjugate gradients on the normal equations, matrix-free
+    (each iteration costs two products with the projection), preconditioned by each block's exact
+    solution with the others fixed. Cost and memory scale like one projection over the fitting
+    rows, so it serves LLaDA-8B widths too; the objective never increases with `iterations`.
+
+    Args:
+        quantized: [tokens, dim] the quantized model's attention outputs (the o-projection input).
+        error: [tokens, out] full-precision minus quantized o-projection output on the same tokens
+            (the quantized projection's own weight and activation error included: the map can
+            undo the part of it that is predictable from its input).
+        weight: [dim, out] the linear map from the o-projection input to its output (the
+            full-precision weight, transposed, in the space `quantized` lives in).
+        ridge, buckets, num_buckets: as in `fit_tac` (the penalty is measured through `weight`).
+    """
+    tokens, dim = quantized.shape
+    n_blocks = _check_block_size(dim, block_size)
+    if weight.shape[0] != dim or error.shape != (tokens, weight.shape[1]):
+        raise ValueError(f"fit_tac_to_output: weight {tuple(weight.shape)} and error {tuple(error.shape)} "
+                         f"do not match attention outputs {tuple(quantized.shape)}")
+    w = weight.double()
+    w_blocks = w.reshape(n_blocks, block_size, -1)
+    gram_w = w_blocks @ w_blocks.transpose(1, 2)  # [blocks, b, b]
+    gram_w = gram_w + 1e-10 * gram_w.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None] * torch.eye(block_size, dtype=torch.float64)
+    solutions = []
+    for rows in _bucket_rows(tokens, buckets, num_buckets):
+        if rows is None:
+            solutions.append(None)
+            continue
+        x = quantized[rows].double()
+        mean = x.mean(0)  # centred inputs decouple the offsets from the matrices
+        n = x.shape[0]
+        design = torch.cat([(x - mean).reshape(n, n_blocks, block_size), torch.ones(n, n_blocks, 1, dtype=torch.float64)], -1)
+        gram_x = torch.einsum("nhi,nhj->hij", design, design)  # [blocks, b+1, b+1]
+        lam, penalty = _ridge_terms(gram_x, ridge)
+        block_lhs = gram_x + lam[:, None, None] * penalty
+
+        def back(out_space):  # X~_h^T (r W^T)_h for every block
+            return torch.einsum("nhi,nhj->hij", design, (out_space @ w.T).reshape(n, n_blocks, block_size))
+
+        def hessian(v):  # v [blocks, b+1, b]: the change [B_h^T; c_h^T] of every block
+            output = torch.einsum("nhi,hij->nhj", design, v).reshape(n, dim) @ w
+            return back(output) + lam[:, None, None] * (penalty @ v @ gram_w)
+
+        def precondition(r):
+            return torch.linalg.solve(gram_w, torch.linalg.solve(block_lhs, r).transpose(1, 2)).transpose(1, 2)
+
+        v = torch.zeros(n_blocks, block_size + 1, block_size, dtype=torch.float64)
+        residual = back(error[rows].double())
+        z = precondition(residual)
+        direction, rz = z, (residual * z).sum()
+        for _ in range(iterations):
+            if rz <= 0:
+                break
+            h_direction = hessian(direction)
+            step = rz / (direction * h_direction).sum()
+            v = v + step * direction
+            residual = residual - step * h_direction
+            z = precondition(residual)
+            rz, rz_old = (residual * z).sum(), rz
+            direction = z + (rz / rz_old) * direction
+        change = v[:, :block_size]  # [blocks, b, b] = B_h^T
+        offsets = v[:, block_size] - torch.einsum("hi,hij->hj", mean.reshape(n_blocks, block_size), change)
+        solutions.append(torch.cat([torch.eye(block_size, dtype=torch.float64) + change, offsets[:, None]], 1))
+    return _tac_map(solutions, block_size, n_blocks, quantized.dtype)
 
 
 def shrink_tac(tac: TACMap, strength: float) -> TACMap:

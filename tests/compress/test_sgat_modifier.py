@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401
 from starquant_plugin.compress import SGATModifier
+from starquant_plugin.compress.tac.base import _tail_masked
 from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
 from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
 
@@ -89,7 +90,8 @@ def test_sgat_then_gptq_w8a8(tiny_setup, tmp_path):
     assert 0 < error < 0.05
 
 
-def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
+@pytest.mark.parametrize("objective", ["attention_output", "projection_output"])
+def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup, objective):
     from starquant_plugin.data import trajectory_canvases
     from starquant_plugin.diffusion import hf_logits_fn
     from starquant_plugin.quantization.runtime import attach_runtime
@@ -106,7 +108,7 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup):
       ridge: 0.01
       num_trajectories: 8
       validation_trajectories: 0
-"""
+""" + f"      objective: {objective}\n"
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
             shuffle_calibration_samples=False)
     attn_out = model.model.transformer.blocks[0].attn_out
@@ -144,16 +146,28 @@ TAC_AFTER_W4A8 = RECIPE.replace("weight_bits: 8", "weight_bits: 4") + """    GPT
 """
 
 
-def test_tac_keeps_per_layer_the_strength_with_the_lowest_held_out_block_error(tiny_setup):
+@pytest.mark.parametrize("validate_on", ["logits", "block_output"])
+def test_tac_keeps_per_layer_and_bucket_the_strength_with_the_lowest_held_out_error(tiny_setup, validate_on):
     directory, config, tokenizer, dataset = tiny_setup
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
-    recipe = Recipe.create_instance(TAC_AFTER_W4A8)
+    recipe = Recipe.create_instance(TAC_AFTER_W4A8 + f"      num_buckets: 2\n      validate_on: {validate_on}\n")
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
             shuffle_calibration_samples=False)
     (tac,) = [m for m in recipe.modifiers if type(m).__name__ == "TACModifier"]
     assert tac.strengths == [1.0, 0.5, 0.0] and len(tac.chosen_errors) == config["n_layers"]
-    for strength, errors in zip(tac.chosen_strengths, tac.chosen_errors):
-        assert list(errors) == [1.0, 0.5, 0.0] and errors[strength] == min(errors.values())
+    # Trajectories come from the rows masked most densely after their first mask (closest to a
+    # decode of the whole answer): none left out is denser than one taken.
+    mask = config["mask_token_id"]
+    taken = [_tail_masked(r, mask) for r in tac._rows + tac._validation_rows]
+    left = sorted(_tail_masked(torch.tensor(r), mask) for r in dataset["input_ids"])[: len(dataset) - len(taken)]
+    assert len(taken) == 10 and min(taken) >= max(left)
+    for chosen, errors, block in zip(tac.chosen_strengths, tac.chosen_errors, model.model.transformer.blocks):
+        assert list(errors) == [1.0, 0.5, 0.0] and len(chosen) == 2
+        for bucket, strength in enumerate(chosen):
+            assert errors[strength][bucket] == min(e[bucket] for e in errors.values())
+            if strength == 0.0:  # the bucket kept the identity
+                eye = torch.eye(block.attn_out.tac_matrices.shape[-1]).expand_as(block.attn_out.tac_matrices[bucket])
+                torch.testing.assert_close(block.attn_out.tac_matrices[bucket].float(), eye)
 
 
 def test_tac_strength_zero_leaves_the_identity(tiny_setup):

@@ -10,6 +10,7 @@ from starquant_plugin.quantization import (
     fake_quantize_per_token,
     fake_quantize_weight,
     fit_tac,
+    fit_tac_to_output,
     hadamard_matrix,
     sgat_linear,
     sgat_transform_weight,
@@ -119,6 +120,47 @@ def test_tac_recovers_a_known_blockwise_affine_distortion():
     # A strong ridge pulls the map back toward the identity.
     shrunk = fit_tac(o_q, o_fp, block_size=b, ridge=1e3)
     assert (shrunk.matrices[0] - torch.eye(b)).abs().mean() < (fitted.matrices[0] - torch.eye(b)).abs().mean()
+
+
+def _coupled_projection(seed=3, tokens=3000, heads=4, b=8):
+    """Attention outputs with a known block-wise affine distortion, seen through a dense projection
+    that mixes the heads (so the blocks must be fitted jointly)."""
+    g = torch.Generator().manual_seed(seed)
+    o_q = torch.randn(tokens, heads * b, generator=g, dtype=torch.float64)
+    true_a = torch.eye(b, dtype=torch.float64) + 0.2 * torch.randn(heads, b, b, generator=g, dtype=torch.float64)
+    true_c = 0.5 * torch.randn(heads * b, generator=g, dtype=torch.float64)
+    o_fp = (true_a @ o_q.reshape(tokens, heads, b, 1)).reshape(tokens, -1) + true_c
+    weight = torch.randn(heads * b, heads * b + 8, generator=g, dtype=torch.float64) / (heads * b) ** 0.5
+    return o_q, o_fp, weight, true_a, true_c, g
+
+
+def test_tac_output_fit_recovers_a_known_distortion_through_a_head_mixing_projection():
+    o_q, o_fp, weight, true_a, true_c, _ = _coupled_projection()
+    fitted = fit_tac_to_output(o_q, o_fp @ weight - o_q @ weight, weight, block_size=8, ridge=1e-10, iterations=60)
+    torch.testing.assert_close(fitted.matrices[0], true_a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fitted.offsets[0], true_c, atol=1e-4, rtol=0)
+
+
+def test_tac_output_fit_undoes_the_projections_own_systematic_error():
+    # The quantized projection has its own (predictable) weight error: matching the attention
+    # output cannot see it, matching the projection's output can.
+    o_q, o_fp, weight, _, _, g = _coupled_projection(seed=4)
+    scale = 1 + 0.1 * torch.randn(weight.shape[0], 1, generator=g, dtype=torch.float64)
+    weight_q = weight * scale  # e.g. a per-input-channel scale error: a block-diagonal map can undo it
+    wanted, got = o_fp @ weight, o_q @ weight_q
+
+    def output_error(tac):
+        return float((apply_tac(o_q, tac) @ weight_q - wanted).pow(2).mean())
+
+    identity = fit_tac(o_q, o_q, block_size=8, ridge=1e-8)
+    attention_fit = fit_tac(o_q, o_fp, block_size=8, ridge=1e-8)
+    # The fit sees the projection through its full-precision weight (as the modifier does).
+    fits = [fit_tac_to_output(o_q, wanted - got, weight, 8, ridge=1e-8, iterations=n) for n in (1, 4, 32)]
+    objective = [float(((apply_tac(o_q, tac) - o_q) @ weight - (wanted - got)).pow(2).sum()) for tac in fits]
+    assert objective[0] >= objective[1] >= objective[2]  # conjugate gradients never go up
+    assert output_error(fits[2]) < 0.5 * output_error(attention_fit) < 0.5 * output_error(identity)
+    with pytest.raises(ValueError, match="weight"):
+        fit_tac_to_output(o_q, wanted - got, weight[:-1], 8)
 
 
 def test_shrink_tac_interpolates_between_the_fitted_map_and_the_identity():

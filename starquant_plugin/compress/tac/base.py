@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from ...checkpoint.writer import install_save_hook
 from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
-from ...quantization import fit_tac, shrink_tac
+from ...evaluation.drift import masked_position_kl
+from ...quantization import TACMap, fit_tac, fit_tac_to_output, shrink_tac
 from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, sequence_mask_ratio
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
@@ -36,12 +37,13 @@ class TACModifier(Modifier):
     *quantized* model's own multi-step trajectories. Layers are fitted in order, each
     with the earlier ones corrected; optionally one map per mask-ratio bucket.
 
-    A map that matches the attention output better can still make the block's output
-    worse (the MLP after it amplifies what the map adds; docs/llada-gqa-6d/results.md).
-    So each fitted map is checked on held-out trajectories (calibration rows not used
-    for fitting): of the maps `I + s (A - I), s c` for s in `strengths`, the layer keeps
-    the one whose block output is closest to the full-precision block's (s = 0 is the
-    identity: no correction where none helps).
+    A map that matches the attention output better can still make the model's output worse
+    (the MLP after it amplifies what the map adds; docs/llada-gqa-6d/results.md). So each
+    fitted map is checked on held-out trajectories (calibration rows not used for fitting):
+    of the maps `I + s (A - I), s c` for s in `strengths`, each mask-ratio bucket of the layer
+    keeps the one under which the quantized model's final logits at the masked positions are
+    closest (KL) to the full-precision model's, on the held-out canvases of that bucket
+    (s = 0 is the identity: no correction where none helps).
 
     Place it after the weight quantizer:
 
@@ -61,8 +63,8 @@ class TACModifier(Modifier):
         - on_calibration_end: decode the calibration prompts with the quantized model,
           recording every step's canvas; load the full-precision reference; for each
           layer in order capture both models' attention outputs on those canvases, fit
-          the maps, keep the strength whose block output is closest to full precision
-          on the held-out trajectories, and attach them
+          the maps, keep per bucket the strength whose final logits are closest to full
+          precision on the held-out trajectories, and attach them
         - on_finalize: record the settings on the model for the checkpoint writer
 
     :param block_size: size of the diagonal blocks (default: head_dim; must divide it)
@@ -71,10 +73,23 @@ class TACModifier(Modifier):
         canvases' mask ratios, so every bucket holds 1/K of the steps (the ratio counts the
         prompt, so it rarely nears 1); `uniform`: edges k/K. Stored in the checkpoint.
     :param ridge: ridge strength, relative to the mean input energy per channel
+    :param objective: what the map is fitted to match. `attention_output` (DESIGN.md §2): the
+        full-precision attention output, block by block. `projection_output`: the full-precision
+        o-projection output, i.e. what the residual stream receives, so the projection's own
+        quantization error (the part predictable from its input) is corrected too; the projection
+        mixes the heads, so the blocks are fitted jointly (`sweeps` passes of exact block
+        coordinate descent; `fit_tac_to_output`)
+    :param sweeps: passes over the blocks for `projection_output`
     :param num_trajectories: calibration rows decoded into trajectories (evenly spaced over the set)
     :param validation_trajectories: further calibration rows (evenly spaced over the rest)
         whose trajectories choose each layer's strength; 0 keeps every fitted map as it is
     :param strengths: candidate strengths s of the fitted map (1 = as fitted, 0 = identity)
+    :param validate_on: `logits` (default): mean KL(FP || quantized) of the final logits at the
+        held-out canvases' masked positions, i.e. the drift itself (one forward of the model per
+        candidate, layer and canvas); `block_output`: relative squared error of the layer's
+        block output (cheaper: the forward stops at the layer; greedy in depth)
+    :param validation_canvases: held-out canvases used (evenly subsampled; bounds the memory of
+        the stored full-precision logits, canvases x masked positions x vocabulary)
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
     :param reference_model: full-precision checkpoint directory (default: the model's own
         `name_or_path`, which llm-compressor requires to be set)
@@ -87,11 +102,15 @@ class TACModifier(Modifier):
     ridge: float = Field(default=1e-2, ge=0.0)
     num_trajectories: int = Field(default=16, gt=0)
     max_tokens_per_layer: int = Field(default=8192, gt=0)
-    validation_trajectories: int = Field(default=8, ge=0)
+    validation_trajectories: int = Field(default=32, ge=0)
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0], min_length=1)
+    validate_on: Literal["logits", "block_output"] = "logits"
+    validation_canvases: int = Field(default=256, gt=0)
     reference_model: str | None = None
 
     bucketing: Literal["quantile", "uniform"] = "quantile"
+    objective: Literal["attention_output", "projection_output"] = "attention_output"
+    iterations: int = Field(default=16, gt=0)
 
     _rows: list = PrivateAttr(default_factory=list)
     _errors: list = PrivateAttr(default_factory=list)
@@ -119,10 +138,14 @@ class TACModifier(Modifier):
         for batch in state.data.calib:
             for ids, keep in zip(batch["input_ids"], batch.get("attention_mask", batch["input_ids"] * 0 + 1)):
                 rows.append(ids[keep.bool()].cpu())
-        # Evenly spaced over the whole calibration set, not its first rows: consecutive rows are
-        # often one record masked at several ratios (the same prompt), which fits maps to few prompts.
-        fitting = _spread(range(len(rows)), self.num_trajectories)
-        rest = [i for i in range(len(rows)) if i not in set(fitting)]
+        # A trajectory decodes everything after the row's first mask, so the rows that look most like
+        # a user's decode (the whole answer masked) are those masked most densely after their first
+        # mask; ties keep the calibration order. Of those, fitting rows are evenly spaced and the
+        # validation rows are the rest: distinct records, not one record at several ratios.
+        pool = sorted(range(len(rows)), key=lambda i: -_tail_masked(rows[i], config.mask_token_id))
+        pool = sorted(pool[: self.num_trajectories + self.validation_trajectories])
+        fitting = _spread(pool, self.num_trajectories)
+        rest = [i for i in pool if i not in set(fitting)]
         self._rows = [rows[i] for i in fitting]
         self._validation_rows = [rows[i] for i in _spread(rest, self.validation_trajectories)]
         if self.validation_trajectories and not self._validation_rows:
@@ -161,47 +184,101 @@ class TACModifier(Modifier):
         self._edges = edges
         if edges:
             logger.info(f"TAC: mask-ratio bucket edges {[round(e, 4) for e in edges]} ({self.bucketing})")
+        held_out = [held_out[i] for i in _spread(range(len(held_out)), self.validation_canvases)]
+        held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
+            if held_out else None
+        reference_logits = [reference(input_ids=c).logits[c == config.mask_token_id].float().cpu() for c in held_out] \
+            if self.validate_on == "logits" else None
         block_size = self.block_size or config.d_model // config.n_heads
         blocks, reference_blocks = model.model.transformer.blocks, reference.model.transformer.blocks
         self._chosen, self._errors = [], []
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
             target = tac_target(blocks[index], config)
             quantized = _capture(model, target, canvases)
-            full = _capture(reference, tac_target(reference_blocks[index], config), canvases)
+            reference_target = tac_target(reference_blocks[index], config)
+            full = _capture(reference, reference_target, canvases)
             folded = getattr(target, "_sgat_folded_smoothing", None)
             if folded is not None:
                 full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
             tokens = torch.tensor([c.shape[1] for c in canvases])
             buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
             keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
-            tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
+            if self.objective == "attention_output":
+                tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
+            else:
+                # What the residual stream receives: FP minus quantized projection output (this layer's map not yet on).
+                error = _capture(reference, reference_target, canvases, output=True)
+                error = (error - _capture(model, target, canvases, output=True))[keep]
+                weight = reference_target.weight.float().T.cpu()  # [in, out]; the layer sees o * D, so o = x / D
+                if folded is not None:
+                    weight = weight / folded.float().cpu()[:, None]
+                tac = fit_tac_to_output(quantized[keep], error, weight, block_size, self.ridge, buckets[keep],
+                                        self.num_buckets, self.iterations)
             if held_out:
-                wanted = _capture(reference, reference_blocks[index], held_out, output=True)
-                errors = {}
-                for strength in dict.fromkeys(self.strengths):
-                    _attach(model, target, shrink_tac(tac, strength), edges)
-                    got = _capture(model, blocks[index], held_out, output=True)
-                    errors[strength] = float((got - wanted).pow(2).sum() / wanted.pow(2).sum().clamp(min=1e-30))
-                strength = min(errors, key=errors.get)  # ties: the earlier in `strengths`
-                tac = shrink_tac(tac, strength)
-                self._chosen.append(strength)
-                self._errors.append(errors)
-                logger.info(f"TAC layer {index}: held-out block-output error " +
-                            ", ".join(f"s={s:g}: {e:.3e}" for s, e in errors.items()) + f"; keeps s={strength:g}")
+                tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits)
             _attach(model, target, tac, edges)
         if self._chosen:
-            logger.info(f"TAC: strengths kept per layer {self._chosen}")
+            logger.info(f"TAC: strengths kept per layer (per bucket) {self._chosen}")
         del reference
 
-    @property
-    def chosen_strengths(self) -> list[float]:
-        """The strength each layer kept (empty without validation)."""
-        return list(self._chosen)
+    def _validate(self, model, reference, index, tac, edges, held_out, held_buckets, reference_logits):
+        """Per mask-ratio bucket, the strength whose held-out error (see `validate_on`) is lowest;
+        returns the map with each bucket shrunk by its strength."""
+        config = model.config
+        blocks = model.model.transformer.blocks
+        target = tac_target(blocks[index], config)
+        if self.validate_on == "block_output":
+            wanted = _capture(reference, reference.model.transformer.blocks[index], held_out, output=True)
+            sizes = [c.numel() for c in held_out]
+        errors = {}
+        for strength in dict.fromkeys(self.strengths):
+            _attach(model, target, shrink_tac(tac, strength), edges)
+            if self.validate_on == "logits":  # KL at the masked positions of the final logits
+                parts = []
+                for canvas, fp in zip(held_out, reference_logits):
+                    got = model(input_ids=canvas).logits[canvas == config.mask_token_id].float().cpu()
+                    kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
+                    parts.append((kl.sum(), kl.new_tensor(kl.numel())))
+            else:  # relative squared error of this block's output
+                got = _capture(model, blocks[index], held_out, output=True)
+                parts = [((g - w).pow(2).sum(), w.pow(2).sum())
+                         for g, w in zip(got.split(sizes), wanted.split(sizes))]
+            errors[strength] = _per_bucket_ratio(torch.tensor([[float(a), float(b)] for a, b in parts]), held_buckets, tac.num_buckets)
+        chosen = [min(errors, key=lambda s: errors[s][k]) for k in range(tac.num_buckets)]  # ties: the earlier
+        self._chosen.append(chosen)
+        self._errors.append(errors)
+        logger.info(f"TAC layer {index}: held-out {self.validate_on} error per bucket " +
+                    ", ".join(f"s={s:g}: {[float(f'{e:.3e}') for e in v]}" for s, v in errors.items()) + f"; keeps {chosen}")
+        shrunk = [shrink_tac(tac, s) for s in chosen]
+        return TACMap(torch.stack([m.matrices[k] for k, m in enumerate(shrunk)]),
+                      torch.stack([m.offsets[k] for k, m in enumerate(shrunk)]))
 
     @property
-    def chosen_errors(self) -> list[dict[float, float]]:
-        """Per layer, the held-out relative block-output error of each candidate strength."""
-        return [dict(e) for e in self._errors]
+    def chosen_strengths(self) -> list[list[float]]:
+        """Per layer, the strength each mask-ratio bucket kept (empty without validation)."""
+        return [list(c) for c in self._chosen]
+
+    @property
+    def chosen_errors(self) -> list[dict[float, list[float]]]:
+        """Per layer, each candidate strength's held-out error per bucket (`validate_on`)."""
+        return [{s: list(v) for s, v in e.items()} for e in self._errors]
+
+
+def _per_bucket_ratio(parts: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> list[float]:
+    """sum(numerator) / sum(denominator) of `parts` [canvases, 2] per bucket; a bucket without
+    held-out canvases gets the ratio over all of them."""
+    total = float(parts[:, 0].sum() / parts[:, 1].sum().clamp(min=1e-30))
+    ratios = []
+    for k in range(num_buckets):
+        rows = parts[buckets == k]
+        ratios.append(float(rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1e-30)) if rows.numel() else total)
+    return ratios
+
+
+def _tail_masked(row: torch.Tensor, mask_token_id: int) -> float:
+    """Fraction of the tokens from the row's first mask to its end that are masked (0 without a mask)."""
+    masked = (row == mask_token_id).nonzero()
+    return 0.0 if masked.numel() == 0 else float((row[int(masked[0, 0]):] == mask_token_id).float().mean())
 
 
 def _spread(indices, count: int) -> list[int]:
