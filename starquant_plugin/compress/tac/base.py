@@ -59,7 +59,8 @@ class TACModifier(Modifier):
     ```
 
     Lifecycle:
-        - on_initialize: check the architecture, block size and calibration data
+        - on_initialize: check the architecture, block size and calibration data; pick the
+          fitting and held-out rows
         - on_calibration_end: decode the calibration prompts with the quantized model,
           recording every step's canvas; load the full-precision reference; for each
           layer in order capture both models' attention outputs on those canvases, fit
@@ -80,9 +81,12 @@ class TACModifier(Modifier):
         mixes the heads, so the blocks are fitted jointly (`sweeps` passes of exact block
         coordinate descent; `fit_tac_to_output`)
     :param sweeps: passes over the blocks for `projection_output`
-    :param num_trajectories: calibration rows decoded into trajectories (evenly spaced over the set)
-    :param validation_trajectories: further calibration rows (evenly spaced over the rest)
-        whose trajectories choose each layer's strength; 0 keeps every fitted map as it is
+    :param num_trajectories: calibration rows decoded into trajectories for the fit. A trajectory
+        regenerates everything after the row's first mask, so TAC takes the `num_trajectories +
+        validation_trajectories` rows masked most densely after their first mask (closest to a
+        decode of the whole answer) and spreads the fitting rows evenly over them
+    :param validation_trajectories: the other rows of that set, whose trajectories choose each
+        layer's and bucket's strength; 0 keeps every fitted map as it is
     :param strengths: candidate strengths s of the fitted map (1 = as fitted, 0 = identity)
     :param validate_on: `logits` (default): mean KL(FP || quantized) of the final logits at the
         held-out canvases' masked positions, i.e. the drift itself (one forward of the model per
