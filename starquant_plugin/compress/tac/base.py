@@ -78,9 +78,8 @@ class TACModifier(Modifier):
         full-precision attention output, block by block. `projection_output`: the full-precision
         o-projection output, i.e. what the residual stream receives, so the projection's own
         quantization error (the part predictable from its input) is corrected too; the projection
-        mixes the heads, so the blocks are fitted jointly (`sweeps` passes of exact block
-        coordinate descent; `fit_tac_to_output`)
-    :param sweeps: passes over the blocks for `projection_output`
+        mixes the heads, so the blocks are fitted jointly (`fit_tac_to_output`)
+    :param iterations: conjugate-gradient iterations of the joint fit for `projection_output`
     :param num_trajectories: calibration rows decoded into trajectories for the fit. A trajectory
         regenerates everything after the row's first mask, so TAC takes the `num_trajectories +
         validation_trajectories` rows masked most densely after their first mask (closest to a
@@ -151,7 +150,7 @@ class TACModifier(Modifier):
         fitting = _spread(pool, self.num_trajectories)
         rest = [i for i in pool if i not in set(fitting)]
         self._rows = [rows[i] for i in fitting]
-        self._validation_rows = [rows[i] for i in _spread(rest, self.validation_trajectories)]
+        self._validation_rows = [rows[i] for i in rest]
         if self.validation_trajectories and not self._validation_rows:
             logger.warning("TAC: no calibration rows left for validation; every fitted map is kept as fitted")
         return True
@@ -200,14 +199,14 @@ class TACModifier(Modifier):
             target = tac_target(blocks[index], config)
             quantized = _capture(model, target, canvases)
             reference_target = tac_target(reference_blocks[index], config)
-            full = _capture(reference, reference_target, canvases)
             folded = getattr(target, "_sgat_folded_smoothing", None)
-            if folded is not None:
-                full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
             tokens = torch.tensor([c.shape[1] for c in canvases])
             buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
             keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
             if self.objective == "attention_output":
+                full = _capture(reference, reference_target, canvases)
+                if folded is not None:
+                    full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
                 tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
             else:
                 # What the residual stream receives: FP minus quantized projection output (this layer's map not yet on).
