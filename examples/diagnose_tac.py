@@ -1,18 +1,24 @@
-"""Where does TAC help or hurt a quantized checkpoint? Three measurements against the FP model.
+"""Where does TAC help or hurt a quantized checkpoint? Four measurements against the FP model.
 
     .venv/compress/bin/python examples/diagnose_tac.py layers CKPT [--model FP] [--prompts N]
-    .venv/compress/bin/python examples/diagnose_tac.py oracle CKPT --layer L [--model FP] [--prompts N]
+    .venv/compress/bin/python examples/diagnose_tac.py oracle CKPT --layer L|all [--model FP] [--prompts N]
     .venv/compress/bin/python examples/diagnose_tac.py paired CKPT_A CKPT_B [--model FP] [--prompts N]
+    .venv/compress/bin/python examples/diagnose_tac.py explained CKPT [--model FP] [--prompts N] [--ridge R]
 
 - `layers`: mean masked-position KL(FP || Q) on the canvases of the FP model's own decodes of
   N evaluation prompts (the same canvases for every variant), with every TAC map, with none,
   and with each layer's map alone (the others set to the identity).
-- `oracle`: with CKPT as it is, replace one activation of layer L by the FP model's on the same
-  canvas (attention output = o-projection input, o-projection output, residual after the
-  attention, block output) and report the KL: which stage's error the output is sensitive to.
+- `oracle`: with CKPT as it is, replace one activation of layer L (or of every layer at once:
+  `--layer all`) by the FP model's on the same canvas (attention output = o-projection input,
+  o-projection output, residual after the attention, block output) and report the KL: which
+  stage's error the output is sensitive to. "FP attention output at every layer" is the drift a
+  perfect TAC map (DESIGN.md's target) would leave. Also printed: how much of the KL the worst
+  masked positions carry.
 - `paired`: per prompt, the late-step drift (mean KL over the second half of the steps, the
   quantized model's own trajectory) of two checkpoints; the mean difference A - B with a paired
   bootstrap 95% interval, its median, and how much of it the worst prompts carry.
+- `explained`: per layer, the share of CKPT's attention-output error (vs FP) that a TAC map
+  fitted on half of the FP canvases removes on the other half: how much of it is affine per head.
 
 Prompts are spread evenly over the model's `eval.jsonl`. Used for docs/llada-gqa-6d/results.md
 ("Why TAC raised the drift here").
@@ -30,7 +36,7 @@ from starquant_plugin.diffusion import hf_logits_fn
 from starquant_plugin.evaluation import default_sampling, load_tasks
 from starquant_plugin.evaluation.drift import late_step_mean, masked_position_kl, trajectory_drift
 from starquant_plugin.models import load_llada
-from starquant_plugin.quantization import TACMap, shrink_tac
+from starquant_plugin.quantization import TACMap, apply_tac, fit_tac, shrink_tac
 from starquant_plugin.quantization.mappings import tac_target
 
 
@@ -93,29 +99,79 @@ def _capture(model, module, canvases, output: bool) -> list[torch.Tensor]:
     return rows
 
 
+def _in_folded_space(full: list[torch.Tensor], quantized: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Without GQA SGAT folds the attention-output site's smoothing D into v_proj's rows, so the
+    quantized model's raw attention output is the FP one times D (up to quantization error); D is
+    not stored in the checkpoint, so it is estimated per channel by least squares."""
+    f, q = (torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in (full, quantized))
+    scale = (f * q).sum(0) / f.pow(2).sum(0).clamp(min=1e-30)
+    return [x * scale for x in full]
+
+
 def oracle(args, fp, tokenizer, examples) -> None:
     quantized, _ = load_llada(args.checkpoints[0], args.dtype)
     canvases = fp_canvases(fp, tokenizer, examples)
     with torch.no_grad():
         reference = [fp(input_ids=c).logits for c in canvases]
     mask = fp.config.mask_token_id
-    q_block, fp_block = quantized.model.transformer.blocks[args.layer], fp.model.transformer.blocks[args.layer]
-    points = [("o-projection output", lambda b: b.attn_out, True), ("residual after attention", lambda b: b.ff_norm, False),
-              ("block output", lambda b: b, True)]
-    if quantized.config.n_kv_heads != quantized.config.n_heads:
-        # Without GQA the site's smoothing is folded into v_proj, so the raw inputs differ by it.
-        points.insert(0, ("attention output", lambda b: b.attn_out, False))
-    print(f"{len(canvases)} canvases of {len(examples)} prompts; KL(FP || Q) with CKPT as is: "
-          f"{mean_kl(quantized, canvases, reference, mask):.4f}")
-    for name, module_of, output in points:
-        replacement = iter(_capture(fp, module_of(fp_block), canvases, output))
-        module = module_of(q_block)
-        if output:
-            handle = module.register_forward_hook(lambda m, a, o: next(replacement) if not isinstance(o, tuple) else (next(replacement), *o[1:]))
-        else:
-            handle = module.register_forward_pre_hook(lambda m, a: (next(replacement), *a[1:]), prepend=True)
-        print(f"  FP {name} at layer {args.layer}: {mean_kl(quantized, canvases, reference, mask):.4f}", flush=True)
-        handle.remove()
+    n_layers = len(fp.model.transformer.blocks)
+    indices = range(n_layers) if args.layer == "all" else [int(args.layer)]
+    # (name, module, its output (else its input), only at the masked positions)
+    points = [("attention output", lambda b: b.attn_out, False, False), ("o-projection output", lambda b: b.attn_out, True, False),
+              ("o-projection output at masked positions only", lambda b: b.attn_out, True, True),
+              ("residual after attention", lambda b: b.ff_norm, False, False), ("block output", lambda b: b, True, False)]
+    with torch.no_grad():
+        values = torch.cat([masked_position_kl(r, quantized(input_ids=c).logits, c == mask) for c, r in zip(canvases, reference)])
+    top = values.sort(descending=True).values.cumsum(0) / values.sum()
+    print(f"{len(canvases)} canvases of {len(examples)} prompts; KL(FP || Q) with CKPT as is: {float(values.mean()):.4f} "
+          f"over {len(values)} masked positions; the top 0.1% / 1% / 10% of them carry "
+          + " / ".join(f"{float(top[max(1, int(len(values) * f)) - 1]):.0%}" for f in (0.001, 0.01, 0.1)))
+    for name, module_of, output, masked_only in points:
+        wanted = {index: _capture(fp, module_of(fp.model.transformer.blocks[index]), canvases, output) for index in indices}
+        if name == "attention output" and quantized.config.n_kv_heads == quantized.config.n_heads:
+            wanted = {index: _in_folded_space(rows, _capture(quantized, module_of(quantized.model.transformer.blocks[index]), canvases, False))
+                      for index, rows in wanted.items()}
+        handles = []
+        for index in indices:
+            replacement = iter(zip(wanted[index], canvases))
+            module = module_of(quantized.model.transformer.blocks[index])
+            if output:
+                def hook(m, a, o, r=replacement, masked_only=masked_only):
+                    full, canvas = next(r)
+                    value = o[0] if isinstance(o, tuple) else o
+                    value = torch.where((canvas == mask).unsqueeze(-1), full, value) if masked_only else full
+                    return (value, *o[1:]) if isinstance(o, tuple) else value
+                handles.append(module.register_forward_hook(hook))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, a, r=replacement: (next(r)[0], *a[1:]), prepend=True))
+        where = "every layer" if args.layer == "all" else f"layer {args.layer}"
+        print(f"  FP {name} at {where}: {mean_kl(quantized, canvases, reference, mask):.4f}", flush=True)
+        for handle in handles:
+            handle.remove()
+
+
+def explained(args, fp, tokenizer, examples) -> None:
+    """Per layer: how much of the quantized model's attention-output error a TAC map fitted on
+    half of the canvases removes on the other half (fit_tac, one bucket, block head_dim)."""
+    quantized, _ = load_llada(args.checkpoints[0], args.dtype)
+    canvases = fp_canvases(fp, tokenizer, examples)
+    fit, test = canvases[::2], canvases[1::2]
+    block = fp.config.d_model // fp.config.n_heads
+    print(f"{len(fit)} fitting / {len(test)} test canvases of {len(examples)} prompts; relative squared error of the "
+          f"attention output, test canvases (ridge {args.ridge}):")
+    for index, (q_block, fp_block) in enumerate(zip(quantized.model.transformer.blocks, fp.model.transformer.blocks)):
+        rows = {}
+        for name, part in (("fit", fit), ("test", test)):
+            q_rows = _capture(quantized, q_block.attn_out, part, False)
+            fp_rows = _capture(fp, fp_block.attn_out, part, False)
+            if quantized.config.n_kv_heads == quantized.config.n_heads:
+                fp_rows = _in_folded_space(fp_rows, q_rows)
+            rows[name] = [torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in (q_rows, fp_rows)]
+        tac = fit_tac(*rows["fit"], block, args.ridge)
+        q_test, fp_test = rows["test"]
+        before = float((q_test - fp_test).pow(2).sum() / fp_test.pow(2).sum())
+        after = float((apply_tac(q_test, tac) - fp_test).pow(2).sum() / fp_test.pow(2).sum())
+        print(f"  layer {index}: {before:.3e} without the map, {after:.3e} with it ({1 - after / before:+.0%} removed)", flush=True)
 
 
 def paired(args, fp, tokenizer, examples) -> None:
@@ -144,17 +200,18 @@ def paired(args, fp, tokenizer, examples) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["layers", "oracle", "paired"])
+    parser.add_argument("command", choices=["layers", "oracle", "paired", "explained"])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="the full-precision model (its eval.jsonl gives the prompts)")
     parser.add_argument("--prompts", type=int, default=48)
-    parser.add_argument("--layer", type=int, default=0)
+    parser.add_argument("--layer", default="0", help="a layer index, or `all` (oracle: every layer at once)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--ridge", type=float, default=1e-2, help="explained: the ridge of the fitted map")
     args = parser.parse_args()
     torch.manual_seed(0)
     fp, tokenizer = load_llada(args.model, args.dtype)
     examples = spread(load_tasks(args.model / "eval.jsonl"), args.prompts)
-    {"layers": layers, "oracle": oracle, "paired": paired}[args.command](args, fp, tokenizer, examples)
+    {"layers": layers, "oracle": oracle, "paired": paired, "explained": explained}[args.command](args, fp, tokenizer, examples)
 
 
 if __name__ == "__main__":
