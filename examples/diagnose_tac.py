@@ -21,7 +21,7 @@
   fitted on half of the FP canvases removes on the other half: how much of it is affine per head.
 
 Prompts are spread evenly over the model's `eval.jsonl`. Used for docs/llada-gqa-6d/results.md
-("Why TAC raised the drift here").
+("Why TAC raised the drift here"; "Where the drift after SGAT comes from").
 """
 
 import argparse
@@ -56,9 +56,18 @@ def fp_canvases(fp, tokenizer, examples) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def position_kl(quantized, canvases, reference_logits, mask_token_id: int) -> torch.Tensor:
+    """KL(FP || Q) at every masked position of every canvas, flat."""
+    return torch.cat([masked_position_kl(ref, quantized(input_ids=c).logits, c == mask_token_id) for c, ref in zip(canvases, reference_logits)])
+
+
 def mean_kl(quantized, canvases, reference_logits, mask_token_id: int) -> float:
-    values = [masked_position_kl(ref, quantized(input_ids=c).logits, c == mask_token_id) for c, ref in zip(canvases, reference_logits)]
-    return float(torch.cat(values).mean())
+    return float(position_kl(quantized, canvases, reference_logits, mask_token_id).mean())
+
+
+def _flat(captured: list[torch.Tensor]) -> torch.Tensor:
+    """Per-canvas captures [1, seq, width] as rows [tokens, width]."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in captured])
 
 
 def layers(args, fp, tokenizer, examples) -> None:
@@ -103,7 +112,7 @@ def _in_folded_space(full: list[torch.Tensor], quantized: list[torch.Tensor]) ->
     """Without GQA SGAT folds the attention-output site's smoothing D into v_proj's rows, so the
     quantized model's raw attention output is the FP one times D (up to quantization error); D is
     not stored in the checkpoint, so it is estimated per channel by least squares."""
-    f, q = (torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in (full, quantized))
+    f, q = _flat(full), _flat(quantized)
     scale = (f * q).sum(0) / f.pow(2).sum(0).clamp(min=1e-30)
     return [x * scale for x in full]
 
@@ -114,14 +123,12 @@ def oracle(args, fp, tokenizer, examples) -> None:
     with torch.no_grad():
         reference = [fp(input_ids=c).logits for c in canvases]
     mask = fp.config.mask_token_id
-    n_layers = len(fp.model.transformer.blocks)
-    indices = range(n_layers) if args.layer == "all" else [int(args.layer)]
+    indices = range(len(fp.model.transformer.blocks)) if args.layer == "all" else [args.layer]
     # (name, module, its output (else its input), only at the masked positions)
     points = [("attention output", lambda b: b.attn_out, False, False), ("o-projection output", lambda b: b.attn_out, True, False),
               ("o-projection output at masked positions only", lambda b: b.attn_out, True, True),
               ("residual after attention", lambda b: b.ff_norm, False, False), ("block output", lambda b: b, True, False)]
-    with torch.no_grad():
-        values = torch.cat([masked_position_kl(r, quantized(input_ids=c).logits, c == mask) for c, r in zip(canvases, reference)])
+    values = position_kl(quantized, canvases, reference, mask)
     top = values.sort(descending=True).values.cumsum(0) / values.sum()
     print(f"{len(canvases)} canvases of {len(examples)} prompts; KL(FP || Q) with CKPT as is: {float(values.mean()):.4f} "
           f"over {len(values)} masked positions; the top 0.1% / 1% / 10% of them carry "
@@ -166,7 +173,7 @@ def explained(args, fp, tokenizer, examples) -> None:
             fp_rows = _capture(fp, fp_block.attn_out, part, False)
             if quantized.config.n_kv_heads == quantized.config.n_heads:
                 fp_rows = _in_folded_space(fp_rows, q_rows)
-            rows[name] = [torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for xs in (q_rows, fp_rows)]
+            rows[name] = [_flat(q_rows), _flat(fp_rows)]
         tac = fit_tac(*rows["fit"], block, args.ridge)
         q_test, fp_test = rows["test"]
         before = float((q_test - fp_test).pow(2).sum() / fp_test.pow(2).sum())
@@ -208,8 +215,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ridge", type=float, default=1e-2, help="explained: the ridge of the fitted map")
     args = parser.parse_args()
+    if args.layer != "all":
+        if not args.layer.lstrip("-").isdigit():
+            parser.error(f"--layer must be a layer index or `all`, got {args.layer!r}")
+        args.layer = int(args.layer)
     torch.manual_seed(0)
     fp, tokenizer = load_llada(args.model, args.dtype)
+    n_layers = len(fp.model.transformer.blocks)
+    if args.layer != "all" and not 0 <= args.layer < n_layers:
+        parser.error(f"--layer {args.layer}: {args.model} has layers 0..{n_layers - 1}")
     examples = spread(load_tasks(args.model / "eval.jsonl"), args.prompts)
     {"layers": layers, "oracle": oracle, "paired": paired, "explained": explained}[args.command](args, fp, tokenizer, examples)
 
