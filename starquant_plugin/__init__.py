@@ -9,4 +9,8 @@ register_with_transformers()
 # SGATModifier/TACModifier become nameable in YAML recipes as soon as llm-compressor loads.
 register_modifiers_when_llmcompressor_loads()
 
-__all__ = ["LLaDAConfig", "LLaDAModelLM", "__version__"]
+# After the registration: importing it routes quantized checkpoints of `LLaDAModelLM.from_pretrained`
+# (and so of the Auto classes) through `load`.
+from .loading import load  # noqa: E402
+
+__all__ = ["LLaDAConfig", "LLaDAModelLM", "__version__", "load"]

@@ -4,7 +4,7 @@
                    [--block-length N] [--batch-size N] ...
     starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
     starquant quantize [MODEL] --recipe RECIPE.yaml --output DIR [--dataset FILE] [--num-samples N] [--seed N]
-    starquant serve [MODEL] [--port N] [--host H] [--tensor-parallel-size N]     (serve environment)
+    starquant serve [MODEL] [--port N] [--host H] [--tensor-parallel-size N] [--max-body-bytes N]  (serve environment)
     starquant bench [--shape shipped|llada-8b] [--layers N] [--canvas 256,512] [--batch 1,8]
                     [--variants bf16,w8a8,...] [--json OUT] [--decoding]                 (serve environment)
 
@@ -15,8 +15,10 @@ is used. Bad input exits with status 2 and one line naming the problem.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +29,29 @@ __all__ = ["main", "build_parser"]
 
 class UsageError(Exception):
     """A user mistake reported as one line on stderr with exit status 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; unwinding removes staging directories (exit 128 + signal)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """Turn SIGINT and SIGTERM into `Interrupted`, so `finally`/`except` blocks clean up."""
+
+    def handler(signal_number, frame):
+        raise Interrupted(signal_number)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _integer(text: str) -> int:
@@ -108,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=_integer, default=1)
     serve.add_argument("--max-batch-size", type=_integer, default=64, help="prompts decoded together")
     serve.add_argument("--max-pending", type=_integer, default=256, help="waiting prompts before answering 503")
+    serve.add_argument("--max-body-bytes", type=_integer, default=1 << 20,
+                       help="largest request body accepted; larger ones are answered 413 (default 1 MiB)")
 
     bench = commands.add_parser("bench", help="time and size the bf16 baseline and quantized variants on vLLM")
     bench.add_argument("--shape", default="shipped", choices=["shipped", "llada-8b"],
@@ -135,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="print the generation for one prompt")
     _add_model_argument(generate)
     generate.add_argument("--prompt", required=True)
-    _add_sampling_arguments(generate, "tokens to generate (default: 32)")
+    _add_sampling_arguments(
+        generate, "tokens to generate (default: the longest answer of the model's eval.jsonl, else 32)")
     return parser
 
 
@@ -197,6 +225,22 @@ def _load_backend(args: argparse.Namespace, model_dir: Path):
     return llm.generate_texts, llm.tokenizer
 
 
+def _refuse_unreadable_texts(
+    model_dir: Path, prompts: list[tuple[str, str]], answers: list[tuple[str, str]] | None = None
+) -> None:
+    """InputError naming the first `(name, text)` the model cannot read as written (a character
+    outside its vocabulary, a lone surrogate; in a prompt also the mask token), before a model loads."""
+    from .evaluation.runner import encode_prompt
+    from .models import load_tokenizer, read_llada_config
+
+    mask_token_id = read_llada_config(model_dir)["mask_token_id"]
+    tokenizer = load_tokenizer(model_dir)
+    for name, prompt in prompts:
+        encode_prompt(tokenizer, prompt, mask_token_id, name)
+    for name, answer in answers or []:
+        encode_prompt(tokenizer, answer, None, name, add_special_tokens=False)
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from .assets import SHIPPED_EVAL_SET
     from .evaluation import default_sampling, evaluate_examples, load_tasks
@@ -210,6 +254,11 @@ def run_eval(args: argparse.Namespace) -> None:
     examples = load_tasks(tasks_path)
     if args.limit:
         examples = examples[: args.limit]
+    _refuse_unreadable_texts(
+        model_dir,
+        [(f"{tasks_path}: example {i + 1}: prompt", e.prompt) for i, e in enumerate(examples)],
+        [(f"{tasks_path}: example {i + 1}: answer", e.answer) for i, e in enumerate(examples)],
+    )
     generate_fn, tokenizer = _load_backend(args, model_dir)
     sampling = default_sampling(tokenizer, examples, **_sampling_options(args))
     logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path} ({args.backend} backend)")
@@ -230,14 +279,27 @@ def run_eval(args: argparse.Namespace) -> None:
         logger.info(f"wrote {args.json_out}")
 
 
+def _default_gen_length(model_dir: Path) -> int:
+    """generate's default: the longest answer (in tokens) of the model's own task set, its
+    eval.jsonl, as `eval` uses; 32 for a model without one."""
+    tasks = model_dir / "eval.jsonl"
+    if not tasks.is_file():
+        return 32
+    from .evaluation import default_sampling, load_tasks
+    from .models import load_tokenizer
+
+    return default_sampling(load_tokenizer(model_dir), load_tasks(tasks)).gen_length
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from .diffusion import DiffusionSamplingConfig
 
     model_dir = _resolve_model(args)
     options = _sampling_options(args)
     if options["gen_length"] is None:
-        options["gen_length"] = 32
+        options["gen_length"] = _default_gen_length(model_dir)
     sampling = DiffusionSamplingConfig(**options)  # bad settings fail before a model loads
+    _refuse_unreadable_texts(model_dir, [("--prompt", args.prompt)])
     generate_fn, _ = _load_backend(args, model_dir)
     (text,) = generate_fn([args.prompt], sampling)
     print(text)
@@ -249,7 +311,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if find_spec("vllm") is None:
         raise UsageError("serve needs vLLM: run it from the serve environment (.venv/serve)")
     _vllm_logs_to_stderr()
-    for name in ("port", "tensor_parallel_size", "max_batch_size", "max_pending"):
+    for name in ("port", "tensor_parallel_size", "max_batch_size", "max_pending", "max_body_bytes"):
         value = getattr(args, name)
         if value <= 0 or (name == "port" and value > 65535):
             raise UsageError(f"--{name.replace('_', '-')} out of range: {value}")
@@ -259,7 +321,7 @@ def run_serve(args: argparse.Namespace) -> None:
     model_dir = _resolve_model(args)
     read_llada_config(model_dir)
     serve(model_dir, args.host, args.port, args.served_model_name, args.tensor_parallel_size, args.dtype,
-          args.max_batch_size, args.max_pending)
+          args.max_batch_size, args.max_pending, args.max_body_bytes)
 
 
 def run_quantize(args: argparse.Namespace) -> None:
@@ -269,10 +331,11 @@ def run_quantize(args: argparse.Namespace) -> None:
         raise UsageError("quantize needs llm-compressor: run it from the compress environment (.venv/compress)")
     from .compress.quantize import quantize
 
-    summary = quantize(
-        _resolve_model(args), args.recipe, args.output, args.dataset, args.num_samples,
-        args.samples_per_record, args.seed, args.overwrite,
-    )
+    with _interrupts_raise():
+        summary = quantize(
+            _resolve_model(args), args.recipe, args.output, args.dataset, args.num_samples,
+            args.samples_per_record, args.seed, args.overwrite,
+        )
     ratio = summary["original_weights_bytes"] / max(summary["weights_bytes"], 1)
     print(
         f"wrote {summary['output']}: schemes {', '.join(summary['schemes']) or 'none'}"
@@ -280,6 +343,8 @@ def run_quantize(args: argparse.Namespace) -> None:
         f"weights {summary['weights_bytes'] / 2**20:.2f} MiB (from {summary['original_weights_bytes'] / 2**20:.2f} MiB, "
         f"{ratio:.2f}x smaller); {summary['seconds']} s"
     )
+    for reason in summary["core_only"]:
+        print(f"core-only (starquant eval / starquant_plugin.load; vLLM cannot serve it): {reason}")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -324,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as error:
         print(f"starquant {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupt:
+        print(f"starquant {args.command}: interrupted by {interrupt}; nothing was written", file=sys.stderr)
+        return 128 + interrupt.signal_number
     return 0
 
 

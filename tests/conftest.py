@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+COMPRESS_CLI = Path(os.environ.get("STARQUANT_COMPRESS_CLI", ROOT / ".venv" / "compress" / "bin" / "starquant"))
 
 
 def reference_config() -> dict:
@@ -138,3 +142,60 @@ def reloaded_logits(directory: Path, probe: torch.Tensor) -> tuple[torch.Tensor,
             linear.starquant_activation_bits = None
         weights_only = model(probe).logits
     return logits, weights_only, linears
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippets(environment: str) -> list[str]:
+    """The README's Python blocks whose first line says they run in `environment` (or either)."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [b for b in blocks if b.startswith(f"# {environment} environment") or b.startswith("# either environment")]
+
+
+def run_readme_snippet(snippet: str, tmp_path: Path) -> str:
+    """Run a README block as written, as a script in a fresh process, from a directory that looks
+    like the repository root (its `recipes/`); returns stdout, fails with the stderr tail."""
+    import subprocess
+    import sys
+
+    (tmp_path / "recipes").symlink_to(README.parent / "recipes")
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def quantize_with_cli(model_dir: Path, recipe: str, output: Path, *extra: str) -> Path:
+    """`starquant quantize MODEL --recipe recipes/RECIPE --output OUTPUT [extra]`: in this process
+    where llm-compressor is installed (compress environment), else with the compress environment's
+    CLI (the serve environment cannot write checkpoints itself)."""
+    recipe_path = ROOT / "recipes" / recipe
+    arguments = ["quantize", str(model_dir), "--recipe", str(recipe_path), "--output", str(output), *extra]
+    if find_spec("llmcompressor") is not None:
+        from starquant_plugin.cli import main
+
+        assert main(arguments) == 0
+        return output
+    assert COMPRESS_CLI.is_file(), f"the compress environment writes checkpoints: {COMPRESS_CLI} (make setup)"
+    done = subprocess.run([str(COMPRESS_CLI), *arguments], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def starquant_w8a8_checkpoint(tmp_path_factory) -> Path:
+    """A real STaR-Quant W8A8 checkpoint written by `starquant quantize` (recipes/starquant_w8a8.yaml)
+    from a tiny GQA model (d_model 128, 2 KV heads: SGAT smoothing online at the attention output;
+    TAC), once per session. Read only: copy it before changing it."""
+    tmp = tmp_path_factory.mktemp("starquant-w8a8")
+    config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2)
+    directory = write_hub_checkpoint(tmp / "tiny", config, random_hub_tensors(config, seed=3))
+    dataset = tmp / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
+    return quantize_with_cli(directory, "starquant_w8a8.yaml", tmp / "w8a8", "--dataset", str(dataset),
+                             "--num-samples", "16")

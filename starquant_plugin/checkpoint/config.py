@@ -14,7 +14,9 @@ FORMAT_VERSION = 2  # 2: tac.bucket_edges (format 1 is still read)
 def describe_validation_error(error: ValidationError) -> str:
     """`field.path: message` of the first problem pydantic found."""
     first = error.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    # Drop pydantic's validator wrappers from the path (`function-after[validate(), Model]`).
+    path = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "function_"))]
+    return f"{'.'.join(path)}: {first['msg']}"
 
 
 class SGATSettings(BaseModel):

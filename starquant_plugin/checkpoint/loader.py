@@ -8,12 +8,16 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from torch import nn
 
+from ..errors import InputError
 from ..quantization.hadamard import rotation_block_for
 from ..quantization.mappings import sgat_sites, tac_target
 from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime, attach_tac_bucket_edges
 from .config import StarQuantConfig, describe_validation_error
 
-__all__ = ["load_quantized_into", "read_starquant_tensors", "parse_starquant_config", "apply_online_transforms"]
+__all__ = [
+    "STARQUANT_SUFFIXES", "apply_online_transforms", "load_quantized_into", "online_transform_config",
+    "parse_starquant_config", "read_starquant_tensors", "starquant_tensor_shapes", "transform_suffixes",
+]
 
 STARQUANT_SUFFIXES = (*SGAT_BUFFERS, "sgat_smoothing", *TAC_BUFFERS)
 
@@ -25,9 +29,9 @@ def parse_starquant_config(config: dict, source: Path) -> StarQuantConfig | None
     try:
         parsed = StarQuantConfig.model_validate(block)
     except ValidationError as error:
-        raise ValueError(f"{source}: starquant_config.{describe_validation_error(error)}") from None
+        raise InputError(f"{source}: starquant_config.{describe_validation_error(error)}") from None
     if parsed.mask_token_id != config.get("mask_token_id"):
-        raise ValueError(
+        raise InputError(
             f"{source}: starquant_config.mask_token_id={parsed.mask_token_id} does not match the model's "
             f"mask_token_id={config.get('mask_token_id')}"
         )
@@ -52,46 +56,99 @@ def read_starquant_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return read_tensors(directory, lambda key: key.rsplit(".", 1)[-1] in STARQUANT_SUFFIXES)
 
 
-def apply_online_transforms(model: nn.Module, directory: Path, config: dict) -> bool:
-    """Re-attach a checkpoint's online rotations (compressed-tensors `transform_config`, as written
-    by llm-compressor's QuIP/SpinQuant modifiers), with the stored matrices. Weight-side
-    transforms are already fused into the saved weights and are not applied again.
-    transformers does neither; without it a rotated checkpoint computes garbage.
-    """
+def online_transform_config(config: dict, source: Path):
+    """The online part of a checkpoint's compressed-tensors `transform_config` (as written by
+    llm-compressor's QuIP/SpinQuant modifiers), or None. Weight-side transforms are already fused
+    into the saved weights; transformers applies neither, so the online ones are ours to attach."""
     block = (config.get("quantization_config") or {}).get("transform_config") or {}
     if not block.get("config_groups"):
-        return False
-    from compressed_tensors.transform import TransformConfig, apply_transform_config
+        return None
+    from compressed_tensors.transform import TransformConfig
 
-    full = TransformConfig.model_validate(block)
+    try:
+        full = TransformConfig.model_validate(block)
+    except ValidationError as error:
+        raise InputError(f"{source}: quantization_config.transform_config.{describe_validation_error(error)}") from None
     online = {}
     for name, scheme in full.config_groups.items():
         args = [a for a in scheme.apply if a.is_online()]
-        unsupported = [str(a.location) for a in args if str(getattr(a.location, "value", a.location)) in ("q_attn", "k_cache")]
+        unsupported = [str(a.location) for a in args if _location(a) in ("q_attn", "k_cache")]
         if unsupported:
-            raise ValueError(f"{directory}: transform_config.config_groups.{name}: attention transforms {unsupported} are not supported")
+            raise InputError(
+                f"{source}: transform_config.config_groups.{name}: attention transforms {unsupported} are not supported"
+            )
         if args:
             online[name] = scheme.model_copy(update={"apply": args})
-    if not online:
+    return TransformConfig(config_groups=online) if online else None
+
+
+def _location(args) -> str:
+    return str(getattr(args.location, "value", args.location))
+
+
+def transform_suffixes(online) -> tuple[str, ...]:
+    """Name parts (`.v_input.`) of the stored matrices of online transforms."""
+    return tuple(f".{name}_{_location(a)}." for name, scheme in online.config_groups.items() for a in scheme.apply)
+
+
+def apply_online_transforms(model: nn.Module, directory: Path, config: dict) -> bool:
+    """Re-attach a checkpoint's online rotations (`online_transform_config`), with the stored
+    matrices. Without it a rotated checkpoint computes garbage."""
+    online = online_transform_config(config, directory / "config.json")
+    if online is None:
         return False
-    apply_transform_config(model, TransformConfig(config_groups=online))
+    from compressed_tensors.transform import apply_transform_config
+
+    apply_transform_config(model, online)
     parameters = dict(model.named_parameters())
-    suffixes = tuple(f".{name}_{str(getattr(a.location, 'value', a.location))}." for name, s in online.items() for a in s.apply)
+    suffixes = transform_suffixes(online)
     for key, tensor in read_tensors(directory, lambda k: any(suffix in k for suffix in suffixes)).items():
         if key in parameters:  # one stored matrix per width; the parameter is shared by every layer of it
             if parameters[key].shape != tensor.shape:
-                raise ValueError(f"{directory}: transform tensor {key} has shape {tuple(tensor.shape)}, "
+                raise InputError(f"{directory}: transform tensor {key} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(parameters[key].shape)}")
             parameters[key].data.copy_(tensor.to(parameters[key].dtype))
     return True
 
 
+def starquant_tensor_shapes(
+    model: nn.Module, block: StarQuantConfig | None, source: Path
+) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every STaR-Quant tensor a checkpoint with `block` holds for `model` (a
+    LLaDA model, on any device, meta included); docs/checkpoint-format.md."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if block is None:
+        return shapes
+    prefix = {module: name for name, module in model.named_modules()}
+    blocks = model.model.transformer.blocks
+    if block.sgat is not None:
+        for layer in blocks:
+            for site in sgat_sites(layer, model.config).values():
+                for linear in site.linears:
+                    name, width, out = prefix[linear], linear.in_features, linear.out_features
+                    shapes[f"{name}.sgat_shift"] = (2, width)
+                    shapes[f"{name}.sgat_clip"] = (2,)
+                    shapes[f"{name}.sgat_compensation"] = (2, out)
+                    if site.fold_into is None:  # nothing upstream absorbed D: it is applied online
+                        shapes[f"{name}.sgat_smoothing"] = (width,)
+    if block.tac is not None:
+        b, buckets = block.tac.block_size, block.tac.num_buckets
+        for layer in blocks:
+            target = tac_target(layer, model.config)
+            name, width = prefix[target], target.in_features
+            if width % b:
+                raise InputError(f"{source}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
+            shapes[f"{name}.tac_matrices"] = (buckets, width // b, b, b)
+            shapes[f"{name}.tac_offsets"] = (buckets, width)
+    return shapes
+
+
 def _expect(tensors: dict, name: str, shape: tuple, source: Path) -> torch.Tensor:
     if name not in tensors:
-        raise ValueError(f"{source}: missing STaR-Quant tensor {name}")
+        raise InputError(f"{source}: missing STaR-Quant tensor {name}")
     tensor = tensors.pop(name)
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        raise InputError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 
@@ -105,40 +162,27 @@ def load_quantized_into(model: nn.Module, directory: str | Path, config: dict) -
     directory = Path(directory)
     block = parse_starquant_config(config, directory / "config.json")
     tensors = read_starquant_tensors(directory)
-    prefix = {module: name for name, module in model.named_modules()}
-    if block is not None and block.sgat is not None:
-        for layer in model.model.transformer.blocks:
-            for site in sgat_sites(layer, model.config).values():
-                for linear in site.linears:
-                    name, width, out = prefix[linear], linear.in_features, linear.out_features
-                    _attach(linear, "sgat_shift", _expect(tensors, f"{name}.sgat_shift", (2, width), directory))
-                    _attach(linear, "sgat_clip", _expect(tensors, f"{name}.sgat_clip", (2,), directory))
-                    _attach(linear, "sgat_compensation", _expect(tensors, f"{name}.sgat_compensation", (2, out), directory))
-                    if f"{name}.sgat_smoothing" in tensors:
-                        _attach(linear, "sgat_smoothing", _expect(tensors, f"{name}.sgat_smoothing", (width,), directory))
-                    linear.sgat_rotation_block = rotation_block_for(width, block.sgat.rotation_block_size)
-    if block is not None and block.tac is not None:
-        b, buckets = block.tac.block_size, block.tac.num_buckets
-        for layer in model.model.transformer.blocks:
-            target = tac_target(layer, model.config)
-            name, width = prefix[target], target.in_features
-            if width % b:
-                raise ValueError(f"{directory}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
-            _attach(target, "tac_matrices", _expect(tensors, f"{name}.tac_matrices", (buckets, width // b, b, b), directory))
-            _attach(target, "tac_offsets", _expect(tensors, f"{name}.tac_offsets", (buckets, width), directory))
-            attach_tac_bucket_edges(target, block.tac.edges)
+    modules = dict(model.named_modules())
+    for name, shape in starquant_tensor_shapes(model, block, directory).items():
+        module_name, buffer = name.rsplit(".", 1)
+        module = modules[module_name]
+        _attach(module, buffer, _expect(tensors, name, shape, directory))
+        if buffer == "sgat_shift":
+            module.sgat_rotation_block = rotation_block_for(module.in_features, block.sgat.rotation_block_size)
+        if buffer == "tac_matrices":
+            attach_tac_bucket_edges(module, block.tac.edges)
     if tensors:
-        raise ValueError(
+        raise InputError(
             f"{directory}: STaR-Quant tensors the starquant_config does not account for: {sorted(tensors)[:3]}"
         )
-    for module in model.modules():
+    for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         activations = getattr(scheme, "input_activations", None)
         if activations is None:
             continue
         if not activations.dynamic or str(activations.strategy.value if hasattr(activations.strategy, "value") else activations.strategy) != "token":
-            raise ValueError(
-                f"{directory}: {prefix[module]} uses {activations.strategy} activation quantization "
+            raise InputError(
+                f"{directory}: {name} uses {activations.strategy} activation quantization "
                 f"(dynamic={activations.dynamic}); only dynamic per-token activations are supported"
             )
         module.starquant_activation_bits = activations.num_bits

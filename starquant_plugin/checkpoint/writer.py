@@ -1,7 +1,9 @@
 """Write the `starquant_config` block, and write checkpoint directories atomically."""
 
 import contextlib
+import ctypes
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -10,9 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import InputError
 from .config import SGATSettings, StarQuantConfig, TACSettings
 
-__all__ = ["atomic_output_dir", "install_save_hook", "starquant_config_of", "write_starquant_config"]
+__all__ = ["atomic_output_dir", "check_output_dir", "install_save_hook", "starquant_config_of", "write_starquant_config"]
 
 
 def starquant_config_of(model: nn.Module) -> StarQuantConfig | None:
@@ -56,16 +59,47 @@ def install_save_hook(model: nn.Module) -> None:
     model.save_pretrained = save_pretrained
 
 
+def check_output_dir(output: str | Path, sources: list[str | Path] = (), overwrite: bool = False) -> Path:
+    """Refuse an output directory before any work starts: one that exists (without `overwrite`),
+    is not a directory, is not a checkpoint (`overwrite` replaces checkpoints only), or is, contains
+    or lies inside one of `sources` (the input model would be destroyed). Returns it resolved."""
+    resolved = Path(output).resolve()
+    for source in map(lambda s: Path(s).resolve(), sources):
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            relation = "is" if resolved == source else "lies inside" if source in resolved.parents else "contains"
+            raise InputError(f"--output {output} {relation} the input model {source}; write the checkpoint elsewhere")
+    if not resolved.exists():
+        return resolved
+    if not overwrite:
+        raise InputError(f"output directory {output} already exists (pass --overwrite to replace it)")
+    if not resolved.is_dir():
+        raise InputError(f"--output {output} exists and is not a directory")
+    if any(resolved.iterdir()) and not (resolved / "config.json").is_file():
+        raise InputError(f"--output {output} is a non-empty directory without config.json; --overwrite only replaces checkpoints")
+    return resolved
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh sibling staging directory that becomes `output` only if the block succeeds.
 
-    A failure or interruption removes the staging directory, so no partial checkpoint
-    sits at `output` looking valid.
+    A failure or interruption removes the staging directory, so no partial checkpoint sits at
+    `output` looking valid. An existing `output` is swapped with the new one in one atomic step
+    and only then removed: at every moment `output` holds the old or the new checkpoint.
     """
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ValueError(f"output directory {output} already exists (pass --overwrite to replace it)")
+    check_output_dir(output, overwrite=overwrite)
     staging = output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
     try:
@@ -73,6 +107,12 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    if not output.exists():
+        staging.rename(output)
+    elif _exchange(staging, output):
+        shutil.rmtree(staging)  # now holds the old checkpoint
+    else:  # no atomic exchange: move the old one aside first, so one of the two is always kept
+        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old)

@@ -8,9 +8,11 @@ import yaml
 from loguru import logger
 
 from ..checkpoint import atomic_output_dir
+from ..checkpoint.writer import check_output_dir
 from ..checkpoint.config import describe_validation_error
 from ..data import load_calibration_records, masked_calibration_samples
 from ..models import load_llada, read_llada_config
+from .recipe_check import check_recipe
 
 __all__ = ["quantize", "validate_recipe"]
 
@@ -72,15 +74,21 @@ def quantize(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds)."""
+    """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds, and
+    `core_only`: why vLLM could not serve the result, empty when it can).
+
+    Everything that needs no model is checked before the model loads: the output directory (not
+    the input, not existing unless `overwrite`), the recipe as a whole (`recipe_check.RULES`)."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
     started = time.perf_counter()
+    check_output_dir(output, [model_dir], overwrite)  # before minutes of loading
     config = read_llada_config(model_dir)
     if "quantization_config" in config:
         raise ValueError(f"{model_dir} is already quantized; quantize a full-precision checkpoint")
     instance = validate_recipe(recipe)
+    check_recipe(instance.modifiers, source=str(recipe))  # order and scheme rules that need no model
     if dataset is None:
         dataset = model_dir / "calibration.jsonl"
         if not dataset.is_file():
@@ -92,7 +100,11 @@ def quantize(
     records = records[: max(1, num_samples // samples_per_record)]
     model, tokenizer = load_llada(model_dir)
     refuse_tied_embedding_quantization(instance, model, recipe)
-    samples = masked_calibration_samples(tokenizer, records, config["mask_token_id"], samples_per_record, seed=seed)
+    recipe_check = check_recipe(instance.modifiers, model, source=str(recipe))
+    samples = masked_calibration_samples(
+        tokenizer, records, config["mask_token_id"], samples_per_record,
+        max_length=model.config.max_position_embeddings, seed=seed,
+    )
     logger.info(f"calibrating on {len(samples)} masked canvases from {len(records)} records of {dataset}")
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         oneshot(
@@ -121,6 +133,7 @@ def quantize(
         "output": str(output),
         "schemes": bits,
         "starquant": sorted(k for k in ("sgat", "tac") if (saved.get("starquant_config") or {}).get(k)),
+        "core_only": recipe_check.core_only,
         "weights_bytes": size,
         "original_weights_bytes": original,
         "seconds": round(time.perf_counter() - started, 1),

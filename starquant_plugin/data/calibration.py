@@ -7,6 +7,7 @@ and late (mostly decoded) denoising steps. llm-compressor takes the result as a 
 `input_ids` / `attention_mask` rows.
 """
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,13 @@ import torch
 from ..diffusion.masking import mask_positions, spread_mask_ratios
 from .jsonl import read_jsonl_objects
 
-__all__ = ["CalibrationRecord", "load_calibration_records", "masked_calibration_samples"]
+__all__ = [
+    "CalibrationRecord", "CalibrationTruncatedWarning", "load_calibration_records", "masked_calibration_samples",
+]
+
+
+class CalibrationTruncatedWarning(UserWarning):
+    """Calibration records longer than the model's maximum length were cut to it."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,12 @@ def masked_calibration_samples(
     max_length: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, list[int]]]:
-    """Masked canvases `{"input_ids", "attention_mask"}` (unpadded), `samples_per_record` per record."""
+    """Masked canvases `{"input_ids", "attention_mask"}` (unpadded), `samples_per_record` per record.
+
+    Records longer than `max_length` tokens are cut to it, with one `CalibrationTruncatedWarning`.
+    """
     generator = torch.Generator().manual_seed(seed)
-    samples = []
+    samples, truncated, longest = [], 0, 0
     for record in records:
         if record.answer is None:
             ids = tokenizer(record.prompt)["input_ids"]
@@ -61,7 +71,8 @@ def masked_calibration_samples(
             ids = prompt + tokenizer(record.answer, add_special_tokens=False)["input_ids"]
             ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             first_maskable = len(prompt)
-        if max_length is not None:
+        if max_length is not None and len(ids) > max_length:
+            truncated, longest = truncated + 1, max(longest, len(ids))
             ids = ids[:max_length]
         if len(ids) <= first_maskable:
             continue
@@ -71,6 +82,12 @@ def masked_calibration_samples(
         ratios = spread_mask_ratios(samples_per_record, generator)
         noisy, _ = mask_positions(row, maskable, ratios, mask_token_id, generator, exact=True)
         samples.extend({"input_ids": r.tolist(), "attention_mask": [1] * len(ids)} for r in noisy)
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(records)} calibration records are longer than the model's maximum length "
+            f"({max_length} tokens; the longest has {longest}) and were truncated to it",
+            CalibrationTruncatedWarning, stacklevel=2,
+        )
     if not samples:
         raise ValueError("no calibration sample has a maskable token (answers empty or truncated away)")
     return samples

@@ -3,11 +3,13 @@
 Canvas = left-padded prompt followed by `gen_length` mask tokens. The generation is split
 into `gen_length / block_length` blocks decoded left to right and `steps` are split evenly
 across blocks. At each step the model scores the whole canvas (bidirectional), a token is
-proposed for every masked position (argmax, or float64 Gumbel-max when temperature > 0),
-and the most confident proposals inside the current block are committed: a fixed schedule
-(the first `n % steps` steps of a block take one token more) or, with `threshold`,
-every proposal whose confidence reaches it and at least one (Fast-dLLM parallel decoding).
-Committed tokens are never re-masked.
+proposed for every masked position (argmax, or float64 Gumbel-max when temperature > 0;
+never the mask token itself, which would fill nothing), and the most confident proposals
+inside the current block are committed: a fixed schedule (the first `n % steps` steps of
+a block take one token more) or, with `threshold`, every proposal whose confidence reaches
+it and at least one (Fast-dLLM parallel decoding).
+Committed tokens are never re-masked, and no mask token is left in the generation. Prompts
+must not contain the mask token (refused with `InputError`).
 
 The model enters only as `logits_fn(input_ids, attention_mask) -> logits`, so the core
 (transformers) and the vLLM engine run the same decoding code. A backend that can score
@@ -17,11 +19,15 @@ from the first masked position to the end of the current block, the only positio
 can commit (elsewhere the sampler draws noise over the whole canvas, so it scores it all).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Literal
 
 import torch
+
+from ..errors import InputError
 
 __all__ = [
     "DiffusionSamplingConfig",
@@ -38,6 +44,13 @@ __all__ = [
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+# What `torch.Generator.manual_seed` takes.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)  # True is an int to Python, not a count
+
 
 @dataclass
 class DiffusionSamplingConfig:
@@ -53,7 +66,8 @@ class DiffusionSamplingConfig:
         cfg_scale: classifier-free guidance scale (0 = off); the unconditional pass masks the prompt.
         threshold: confidence in (0, 1] for parallel decoding; the step count then adapts
             (at most `block_length` per block) and `steps` only bounds nothing.
-        seed: seed of the generator for sampling and random remasking.
+        seed: seed of the generator for sampling and random remasking (any integer
+            `torch.Generator.manual_seed` takes: -2**63 .. 2**64 - 1).
     """
 
     gen_length: int
@@ -66,33 +80,36 @@ class DiffusionSamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gen_length, int) or self.gen_length <= 0:
+        if not _is_integer(self.gen_length) or self.gen_length <= 0:
             raise ValueError(f"gen_length must be a positive integer, got {self.gen_length!r}")
         if self.block_length is None:
             self.block_length = self.gen_length
         if self.steps is None:
             self.steps = self.gen_length
-        if self.block_length <= 0:
+        if not _is_integer(self.block_length) or self.block_length <= 0:
             raise ValueError(f"block_length must be a positive integer, got {self.block_length!r}")
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"block_length={self.block_length} does not divide gen_length={self.gen_length}"
             )
-        if self.steps <= 0:
+        if not _is_integer(self.steps) or self.steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if self.steps % self.num_blocks:
             raise ValueError(
                 f"steps={self.steps} is not divisible by the number of blocks "
                 f"{self.num_blocks} (gen_length {self.gen_length} / block_length {self.block_length})"
             )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        # `not x >= 0` and `isfinite` also refuse NaN, which every comparison lets through.
+        if not math.isfinite(self.temperature) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
+        if not math.isfinite(self.cfg_scale) or not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if not _is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -154,9 +171,22 @@ def propose_tokens(
     logits: torch.Tensor,
     config: DiffusionSamplingConfig,
     generator: torch.Generator | None,
+    mask_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed token and its confidence for every position: ([batch, seq] ids, [batch, seq] float64)."""
-    proposal = add_gumbel_noise(logits, config.temperature, generator).argmax(dim=-1)
+    """Proposed token and its confidence for every position: ([batch, seq] ids, [batch, seq] float64).
+
+    With `mask_token_id`, a position whose best score is the mask token proposes its best other
+    token instead (with that token's probability as confidence): committing the mask would fill
+    nothing, and the position would end the block still masked. Elsewhere nothing changes.
+    """
+    scores = add_gumbel_noise(logits, config.temperature, generator)
+    proposal = scores.argmax(dim=-1)
+    if mask_token_id is not None:
+        proposes_mask = proposal == mask_token_id
+        if bool(proposes_mask.any()):
+            others = scores[proposes_mask]  # a copy of those positions only: the caller's logits stay as they are
+            others[:, mask_token_id] = float("-inf")
+            proposal[proposes_mask] = others.argmax(dim=-1)
     if config.remasking == "low_confidence":
         probs = torch.softmax(logits.to(torch.float64), dim=-1)
         confidence = torch.gather(probs, -1, proposal[..., None]).squeeze(-1)
@@ -217,14 +247,19 @@ def diffusion_generate(
 ) -> DiffusionOutput:
     """Decode `gen_length` tokens after each (left-padded) prompt.
 
+    Every position of the returned generation holds a token other than the mask: the mask
+    token is never proposed, each block's schedule commits all of its positions, and a prompt
+    (or padding) containing the mask id is refused (`InputError`) rather than filled in.
+
     Args:
         logits_fn: `(input_ids [b, s], attention_mask [b, s] | None) -> logits [b, s, vocab]`.
-        input_ids: [batch, prompt_len] prompts, left-padded.
+        input_ids: [batch, prompt_len] prompts, left-padded; none may hold `mask_token_id`.
         attention_mask: [batch, prompt_len], 1 for prompt tokens, 0 for padding; None = no padding.
         trajectory_hook: called after every step with a `TrajectoryStep`.
         logits_window: `logits_fn` also takes `window=(lo, hi)` and then returns logits
             [b, hi - lo, vocab]; used where it cannot change the result (see the module docstring).
     """
+    _refuse_mask_in_prompts(input_ids, attention_mask, mask_token_id)
     windowed = logits_window and config.temperature == 0 and config.remasking == "low_confidence"
     batch, prompt_len = input_ids.shape
     device = input_ids.device
@@ -243,10 +278,14 @@ def diffusion_generate(
     for block in range(config.num_blocks):
         start = prompt_len + block * config.block_length
         end = start + config.block_length
-        schedule = num_transfer_tokens(canvas[:, start:end] == mask_token_id, config.steps_per_block)
+        # Steps beyond one token per step would commit nothing (the loop ends when the block is
+        # filled); capping them keeps the schedule's size bounded by the block, not by `steps`.
+        schedule = num_transfer_tokens(
+            canvas[:, start:end] == mask_token_id, min(config.steps_per_block, config.block_length)
+        )
         block_steps = 0
         while bool((canvas[:, start:end] == mask_token_id).any()):
-            if config.threshold is None and block_steps >= config.steps_per_block:
+            if config.threshold is None and block_steps >= schedule.shape[1]:
                 break  # schedule exhausted (only reachable if the caller altered the canvas)
             masked = canvas == mask_token_id
             mask_ratio = masked[:, prompt_len:].double().mean(dim=1)
@@ -259,7 +298,7 @@ def diffusion_generate(
             if config.threshold is not None:
                 # A proposed mask token would commit nothing, and the block might never finish.
                 logits[..., mask_token_id] = float("-inf")
-            proposal, confidence = propose_tokens(logits, config, generator)
+            proposal, confidence = propose_tokens(logits, config, generator, mask_token_id)
             if windowed:
                 proposal = torch.cat([canvas[:, :lo], proposal, canvas[:, end:]], dim=1)
                 outside = torch.full_like(canvas, float("-inf"), dtype=confidence.dtype)
@@ -267,6 +306,12 @@ def diffusion_generate(
             confidence[:, end:] = float("-inf")
             proposal = torch.where(masked, proposal, canvas)
             confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+            if bool(confidence.isnan().any()):
+                # NaN is never selected: those positions would stay masked (or, with a threshold, loop forever).
+                raise RuntimeError(
+                    f"decoding step {total_steps}: the model's logits are not finite at "
+                    f"{int(confidence.isnan().sum())} masked position(s), so no token can be chosen there"
+                )
             if config.threshold is None:
                 transfer = select_transfer(confidence, schedule[:, block_steps])
             else:
@@ -282,4 +327,24 @@ def diffusion_generate(
             block_steps += 1
             total_steps += 1
         steps_per_block.append(block_steps)
+    left = canvas[:, prompt_len:] == mask_token_id
+    if bool(left.any()):  # the guarantee of the docstring; reaching this is a bug of the sampler
+        raise RuntimeError(f"decoding left {int(left.sum())} mask token(s) in the generation")
     return DiffusionOutput(canvas, canvas[:, prompt_len:], total_steps, steps_per_block)
+
+
+def _refuse_mask_in_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int) -> None:
+    """InputError naming the row and position of the first mask id among the prompts: the sampler
+    would take it for a position to fill, and it would take one of the block's commits."""
+    found = input_ids == mask_token_id
+    if not bool(found.any()):
+        return
+    row, position = (int(index) for index in found.nonzero()[0])
+    if attention_mask is not None and not bool(attention_mask[row, position]):
+        raise InputError(
+            f"prompt {row} is padded with the mask token id {mask_token_id} (position {position}); pad with another id"
+        )
+    raise InputError(
+        f"prompt {row} contains the mask token id {mask_token_id} at position {position}: "
+        "prompts cannot contain the mask token"
+    )

@@ -13,9 +13,18 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from ..diffusion import DiffusionSamplingConfig, diffusion_generate, hf_logits_fn
+from ..errors import InputError
 from .tasks import TaskExample, exact_match
 
-__all__ = ["EvaluationResult", "GenerateFn", "core_generate_fn", "default_sampling", "evaluate_examples", "generate_texts"]
+__all__ = [
+    "EvaluationResult",
+    "GenerateFn",
+    "core_generate_fn",
+    "default_sampling",
+    "encode_prompt",
+    "evaluate_examples",
+    "generate_texts",
+]
 
 GenerateFn = Callable[[list[str], DiffusionSamplingConfig], list[str]]
 
@@ -33,6 +42,69 @@ class EvaluationResult:
         return {"exact_match": self.exact_match, "n": self.n, "per_task": self.per_task, "settings": self.settings}
 
 
+def _describe_character(text: str, position: int) -> str:
+    character = text[position]
+    return f"character {character!r} (U+{ord(character):04X}) at position {position}"
+
+
+def _first_unencodable_character(tokenizer, text: str) -> int | None:
+    """Position of the first character the tokenizer cannot encode on its own (it raises, or
+    maps it to its unknown token); None when every character alone is fine."""
+    unk = tokenizer.unk_token_id
+    for character in dict.fromkeys(text):  # each distinct character once, in order of appearance
+        try:
+            ids = tokenizer(character, add_special_tokens=False)["input_ids"]
+        except Exception:
+            return text.index(character)
+        if unk is not None and unk in ids:
+            return text.index(character)
+    return None
+
+
+def _token_position(tokenizer, text: str, token_index: int) -> str:
+    """`at position N` (characters) of a token when the tokenizer gives offsets, else `at token N`."""
+    try:
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        return f"at position {offsets[token_index][0]}"
+    except Exception:  # a slow tokenizer has no offsets
+        return f"at token {token_index}"
+
+
+def encode_prompt(
+    tokenizer, text: str, mask_token_id: int | None, name: str = "prompt", add_special_tokens: bool = True
+) -> list[int]:
+    """`text`'s token ids, or InputError naming `name` and the character when the model cannot
+    read it as written: text that is not valid Unicode (a lone surrogate), a character the
+    tokenizer has no token for (it raises, or gives its unknown token for non-empty text), or
+    the mask token (`mask_token_id`; the sampler would fill it in instead of reading it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"{name}: character at position {error.start} is a lone surrogate (U+{ord(text[error.start]):04X}), "
+            "not valid Unicode text"
+        ) from None
+    try:
+        ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    except Exception as error:  # tokenizers raise a bare Exception for a character missing from the vocabulary
+        position = _first_unencodable_character(tokenizer, text)
+        if position is None:
+            raise InputError(f"{name}: the tokenizer cannot encode it ({type(error).__name__}: {error})") from None
+        raise InputError(f"{name}: {_describe_character(text, position)} is not in the model's vocabulary") from None
+    unk = tokenizer.unk_token_id
+    if text and unk is not None and unk in ids:
+        position = _first_unencodable_character(tokenizer, text)
+        where = (_describe_character(text, position) if position is not None
+                 else f"the text {_token_position(tokenizer, text, ids.index(unk))}")
+        raise InputError(f"{name}: {where} is not in the model's vocabulary (it maps to {tokenizer.unk_token!r})")
+    if mask_token_id is not None and mask_token_id in ids:
+        raise InputError(
+            f"{name}: contains the mask token {tokenizer.convert_ids_to_tokens(mask_token_id)!r} (id {mask_token_id}) "
+            f"{_token_position(tokenizer, text, ids.index(mask_token_id))}: prompts cannot contain the mask token"
+        )
+    return ids
+
+
 def default_sampling(
     tokenizer,
     examples: list[TaskExample],
@@ -43,7 +115,10 @@ def default_sampling(
 ) -> DiffusionSamplingConfig:
     """Evaluation defaults: gen_length = the longest answer in tokens, steps = block_length = gen_length."""
     if gen_length is None:
-        gen_length = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
+        gen_length = max(
+            len(encode_prompt(tokenizer, e.answer, None, f"example {i + 1}: answer", add_special_tokens=False))
+            for i, e in enumerate(examples)
+        )
         gen_length = max(gen_length, 1)
     return DiffusionSamplingConfig(gen_length=gen_length, steps=steps, block_length=block_length, **options)
 
@@ -51,7 +126,20 @@ def default_sampling(
 def generate_texts(
     model, tokenizer, prompts: list[str], sampling: DiffusionSamplingConfig, mask_token_id: int
 ) -> list[str]:
-    """Decode one batch of prompts; returns the continuations with special tokens skipped."""
+    """Decode one batch of prompts; returns the continuations with special tokens skipped.
+
+    InputError naming the prompt when one cannot be read as written (`encode_prompt`) or its
+    canvas exceeds the model's `max_sequence_length`.
+    """
+    limit = getattr(model.config, "max_sequence_length", None)
+    for index, prompt in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt {index}"
+        length = len(encode_prompt(tokenizer, prompt, mask_token_id, name))
+        if limit is not None and length + sampling.gen_length > limit:
+            raise InputError(
+                f"{name}: {length} prompt tokens + gen_length {sampling.gen_length} exceeds "
+                f"max_sequence_length={limit}"
+            )
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     if batch["input_ids"].shape[1] == 0:
         raise ValueError("empty prompt: the tokenizer produced no tokens")

@@ -17,6 +17,16 @@ def register_with_transformers() -> None:
     AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
     AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
-from .loading import load_llada, load_tokenizer, read_llada_config  # noqa: E402
+from .loading import DTYPES, load_tokenizer, read_llada_config  # noqa: E402
 
-__all__ += ["load_llada", "load_tokenizer", "read_llada_config"]
+__all__ += ["DTYPES", "load_llada", "load_tokenizer", "read_llada_config"]
+
+
+def __getattr__(name: str):
+    # `load_llada` is the older name of `starquant_plugin.load`, which lives above this package
+    # (it needs checkpoint/); resolved on use so that models/ imports nothing from above.
+    if name == "load_llada":
+        from ..loading import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..checkpoint import validate_checkpoint
 from ..diffusion import DiffusionSamplingConfig
-from ..models.loading import load_tokenizer, read_llada_config
+from .servable import check_servable
 
 __all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion"]
 
@@ -90,14 +91,18 @@ class DiffusionLLM:
         max_batch_size: int = 64,
         **engine_kwargs,
     ):
-        config = read_llada_config(model)  # clear errors before vLLM's slower start-up
+        # A corrupted checkpoint or one vLLM cannot serve is refused here, in this process, before
+        # the engine starts (its workers would fail with the cause only in their logs).
+        checkpoint = validate_checkpoint(model)
+        from vllm.platforms import current_platform
+
+        check_servable(checkpoint, tensor_parallel_size, on_cpu=current_platform.is_cpu())
+        config = checkpoint.config
         self.model_dir = Path(model)
         self.mask_token_id = config["mask_token_id"]
         self.max_sequence_length = config.get("max_sequence_length", 4096)
         self.max_batch_size = max_batch_size
-        self.tokenizer = load_tokenizer(model)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token_id = config.get("pad_token_id", config.get("eos_token_id"))
+        self.tokenizer = checkpoint.tokenizer
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 

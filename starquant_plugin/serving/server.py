@@ -6,33 +6,50 @@ extra request fields (`steps`, `block_length`, `remasking`, `cfg_scale`, `thresh
 decoded together in one batch; a bad request is answered 400 with a message naming the
 field, and when more prompts are waiting than `max_pending` the server answers 503 instead
 of queueing without bound. Errors use OpenAI's `{"error": {...}}` shape.
+
+No request can stall or crash the server: bodies over `max_body_bytes` are refused (413)
+before they are read in full; parsing, validation and tokenizing run in worker threads, so
+the event loop (and `/health`) keeps answering; every number is bounded (the canvas, the
+seed's range, finite floats) and strictly typed; a prompt the model cannot read as written
+(a character outside the vocabulary, a lone surrogate, the mask token) is a 400 naming it.
 """
 
 import asyncio
+import copy
+import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..checkpoint.config import describe_validation_error
 from ..diffusion import DiffusionSamplingConfig
+from ..errors import InputError
+from ..evaluation.runner import encode_prompt
 
-__all__ = ["CompletionRequest", "DiffusionBatcher", "Overloaded", "build_app", "serve"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "CompletionRequest", "DiffusionBatcher", "Overloaded", "build_app", "serve"]
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 prompts of 4 KiB; tokenizing it takes ~2 s on one core
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer, as OpenAI's `seed`; `torch.Generator.manual_seed` takes it
 
 
 class CompletionRequest(BaseModel):
-    """`/v1/completions` body: OpenAI's fields that apply, plus the diffusion settings."""
+    """`/v1/completions` body: OpenAI's fields that apply, plus the diffusion settings.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict types (a boolean is not a number, a string is not an integer; an integer is a
+    fine float) and finite floats; the bounds that depend on the model are `check_limits`'.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | list[str]
     max_tokens: int = Field(16, gt=0, description="tokens to generate (gen_length)")
-    temperature: float = Field(0.0, ge=0)
-    seed: int = 0
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     n: Literal[1] = 1
     stream: Literal[False] = False
     user: str | None = None
@@ -40,8 +57,28 @@ class CompletionRequest(BaseModel):
     steps: int | None = Field(None, gt=0)
     block_length: int | None = Field(None, gt=0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
-    cfg_scale: float = Field(0.0, ge=0)
-    threshold: float | None = None
+    cfg_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
+    threshold: float | None = Field(None, allow_inf_nan=False)
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _literal_of_its_own_type(cls, value, info):
+        # A literal compares equal across bool and int (True == 1, 0 == False) even in strict mode.
+        if info.field_name == "stream" and not isinstance(value, bool):
+            raise ValueError(f"must be a boolean, got {type(value).__name__}")
+        if info.field_name == "n" and isinstance(value, bool):
+            raise ValueError("must be an integer, got bool")
+        return value
+
+    def check_limits(self, max_sequence_length: int) -> None:
+        """InputError naming the field when a length or step count exceeds the model's canvas."""
+        for name in ("max_tokens", "steps", "block_length"):
+            value = getattr(self, name)
+            if value is not None and value > max_sequence_length:
+                raise InputError(
+                    f"{name}: {value} exceeds the model's max_sequence_length={max_sequence_length} "
+                    "(the canvas holds the prompt and the generation)"
+                )
 
     def sampling(self) -> DiffusionSamplingConfig:
         """The decoding settings; ValueError naming the field when they do not fit together."""
@@ -54,12 +91,16 @@ class CompletionRequest(BaseModel):
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts:
-            raise ValueError("prompt: at least one prompt is required")
+            raise InputError("prompt: at least one prompt is required")
         return prompts
+
+    def prompt_names(self) -> list[str]:
+        """How messages name each prompt: `prompt`, or `prompt[i]` in a list."""
+        return ["prompt"] if isinstance(self.prompt, str) else [f"prompt[{i}]" for i in range(len(self.prompt))]
 
 
 class Overloaded(Exception):
-    """More prompts are waiting than the server accepts."""
+    """More prompts are waiting than the server accepts (it can drain: retry later)."""
 
 
 @dataclass
@@ -101,6 +142,11 @@ class DiffusionBatcher:
             self._task.cancel()
 
     async def submit(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list:
+        if len(prompts) > self.max_pending:  # would never fit, however empty the queue: not "retry later"
+            raise InputError(
+                f"prompt: {len(prompts)} prompts in one request exceed max_pending={self.max_pending}, "
+                "the most this server queues; split the request"
+            )
         if self.pending_prompts + len(prompts) > self.max_pending:
             raise Overloaded(f"{self.pending_prompts} prompts are waiting (max_pending={self.max_pending})")
         pending = _Pending(prompts, sampling, asyncio.get_running_loop().create_future())
@@ -145,16 +191,92 @@ class DiffusionBatcher:
 def _error(status: int, message: str, kind: str):
     from fastapi.responses import JSONResponse
 
+    # A message may quote the request (a field name, a value) and so a lone surrogate, which
+    # the UTF-8 response body cannot hold: escape it rather than fail with a 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
-def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending: int = 256):
-    """The FastAPI app around a `DiffusionLLM` (or anything with `generate`, `tokenizer`)."""
+def _describe(error: ValidationError) -> str:
+    """`field.path: message` of the first problem pydantic found (`request body` for the body itself)."""
+    first = error.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or 'request body'}: {first['msg']}"
+
+
+class _BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request, max_body_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `max_body_bytes`: by its
+    Content-Length before anything is read, or by the bytes streamed so far (chunked uploads)."""
+    too_large = f"request body exceeds the limit of {max_body_bytes} bytes (max_body_bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise _BodyRefused(400, f"Content-Length is not a byte count: {declared!r}") from None
+        if declared_bytes > max_body_bytes:
+            raise _BodyRefused(413, too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise _BodyRefused(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending: int = 256,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI app around a `DiffusionLLM` (or anything with `generate`, `tokenizer`,
+    `mask_token_id` and `max_sequence_length`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
 
     batcher = DiffusionBatcher(llm.generate, max_batch_size, max_pending)
+    max_sequence_length, mask_token_id = llm.max_sequence_length, llm.mask_token_id
+    # Validation gets its own tokenizer: the engine's pads batches in the decoding thread, and a
+    # fast tokenizer whose padding is switched while another thread encodes fails ("Already borrowed").
+    tokenizer, tokenizer_lock = copy.deepcopy(llm.tokenizer), threading.Lock()
+
+    def parse(raw: bytes) -> tuple[CompletionRequest, list[str], DiffusionSamplingConfig, int]:
+        """(request, prompts, decoding settings, prompt tokens) of a body; InputError or
+        ValidationError naming the field. Blocking: run in a worker thread."""
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise InputError("request body: JSON nested too deeply") from None
+        except ValueError:
+            raise InputError("request body is not valid JSON") from None
+        parsed = CompletionRequest.model_validate(body)
+        prompts = parsed.prompts()
+        if len(prompts) > max_pending:  # before tokenizing any of them
+            raise InputError(
+                f"prompt: {len(prompts)} prompts in one request exceed max_pending={max_pending}, "
+                "the most this server queues; split the request"
+            )
+        parsed.check_limits(max_sequence_length)
+        sampling = parsed.sampling()
+        prompt_tokens = 0
+        for prompt, name in zip(prompts, parsed.prompt_names()):
+            with tokenizer_lock:
+                length = len(encode_prompt(tokenizer, prompt, mask_token_id, name))
+            # Per request (as `DiffusionLLM.validate`), so one bad prompt cannot fail a shared batch.
+            if length == 0:
+                raise InputError(f"{name}: empty (the tokenizer produced no tokens)")
+            if length + sampling.gen_length > max_sequence_length:
+                raise InputError(
+                    f"{name}: {length} prompt tokens + max_tokens {sampling.gen_length} exceeds "
+                    f"max_sequence_length={max_sequence_length}"
+                )
+            prompt_tokens += length
+        return parsed, prompts, sampling, prompt_tokens
 
     @asynccontextmanager
     async def lifespan(app):
@@ -176,17 +298,17 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "request body is not valid JSON", "invalid_request_error")
+            raw = await _read_body(request, max_body_bytes)
+        except _BodyRefused as error:
+            return _error(error.status, str(error), "invalid_request_error")
         try:
-            parsed = CompletionRequest.model_validate(body)
-            prompts, sampling = parsed.prompts(), parsed.sampling()
-            llm.validate(prompts, sampling)  # per request, so one bad prompt cannot fail a shared batch
+            parsed, prompts, sampling, prompt_tokens = await run_in_threadpool(parse, raw)
         except ValidationError as error:
-            return _error(400, describe_validation_error(error), "invalid_request_error")
+            return _error(400, _describe(error), "invalid_request_error")
         except ValueError as error:
             return _error(400, str(error), "invalid_request_error")
+        except RecursionError:  # parse() maps the JSON decoder's; this is for anything deeper down
+            return _error(400, "request body: nested too deeply", "invalid_request_error")
         if parsed.model is not None and parsed.model != served_model_name:
             return _error(404, f"model {parsed.model!r} is not served here (serving {served_model_name!r})",
                           "invalid_request_error")
@@ -194,12 +316,11 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
             results = await batcher.submit(prompts, sampling)
         except Overloaded as error:
             return _error(503, f"server overloaded, retry later: {error}", "overloaded_error")
-        except ValueError as error:  # e.g. prompt + max_tokens longer than the model's canvas
+        except ValueError as error:  # e.g. the engine's own checks
             return _error(400, str(error), "invalid_request_error")
         except Exception as error:
             logger.exception("decoding failed")
             return _error(500, f"decoding failed: {type(error).__name__}: {error}", "internal_error")
-        prompt_tokens = sum(len(llm.tokenizer(p)["input_ids"]) for p in prompts)
         completion_tokens = sum(len(c.token_ids) for c in results)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -229,6 +350,7 @@ def serve(
     dtype: str = "auto",
     max_batch_size: int = 64,
     max_pending: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Load `model_dir` on a vLLM engine and serve it until interrupted."""
     import uvicorn
@@ -237,7 +359,7 @@ def serve(
 
     llm = DiffusionLLM(model_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_batch_size=max_batch_size)
     name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
-    app = build_app(llm, name, max_batch_size, max_pending)
+    app = build_app(llm, name, max_batch_size, max_pending, max_body_bytes)
     logger.info(f"serving {model_dir} as {name!r} on http://{host}:{port}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from starquant_plugin.cli import main
+from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
 from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -140,3 +141,98 @@ def test_embedding_quantization_of_a_tied_model_is_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "model.transformer.wte" in error and "weight_tying" in error
     assert not output.exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_that_would_destroy_the_input_is_refused_before_loading(tiny_model, tmp_path, capsys, monkeypatch, where):
+    import starquant_plugin.compress.quantize as module
+
+    directory, dataset, _ = tiny_model
+    output = {"same": directory, "inside": directory / "q", "parent": directory.parent}[where]
+    monkeypatch.setattr(module, "load_llada", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), "--output", str(output),
+                 "--dataset", str(dataset), "--overwrite"]) == 2
+    assert "the input model" in capsys.readouterr().err
+    assert (directory / "model.safetensors").is_file() and not (directory / "q").exists()
+
+
+def test_overwrite_replaces_only_checkpoints_and_keeps_the_old_one_on_failure(tiny_model, tmp_path, capsys):
+    directory, dataset, _ = tiny_model
+    not_a_checkpoint = tmp_path / "notes"
+    not_a_checkpoint.mkdir()
+    (not_a_checkpoint / "todo.txt").write_text("keep me")
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines" / "rtn_w8a8.yaml"), "--output",
+                 str(not_a_checkpoint), "--dataset", str(dataset), "--overwrite"]) == 2
+    assert "without config.json" in capsys.readouterr().err and (not_a_checkpoint / "todo.txt").is_file()
+    output = tmp_path / "out"
+    arguments = ["--output", str(output), "--dataset", str(dataset), "--num-samples", "8", "--overwrite"]
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines" / "rtn_w8a8.yaml"), *arguments]) == 0
+    first = (output / "model.safetensors").read_bytes()
+    broken = tmp_path / "broken.yaml"  # fails after calibration started: TAC's reference is missing
+    broken.write_text((RECIPES / "starquant_w8a8.yaml").read_text().replace(
+        "ridge: 0.01", f"ridge: 0.01\n      reference_model: {tmp_path / 'missing'}"))
+    with pytest.raises(Exception):
+        main(["quantize", str(directory), "--recipe", str(broken), *arguments])
+    assert (output / "model.safetensors").read_bytes() == first  # the old checkpoint is intact
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), *arguments]) == 0
+    assert "starquant_config" in json.loads((output / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml", "notes", "out"]  # nothing staged left
+
+
+def test_atomic_output_swaps_without_a_moment_of_neither(tmp_path, monkeypatch):
+    """Where the atomic exchange is unavailable, the old checkpoint is moved aside, never deleted first."""
+    from starquant_plugin.checkpoint import writer
+
+    output = tmp_path / "out"
+    real_rmtree = writer.shutil.rmtree
+    for exchange in (writer._exchange, lambda a, b: False):
+        monkeypatch.setattr(writer, "_exchange", exchange)
+        output.mkdir(exist_ok=True)
+        (output / "config.json").write_text("old")
+        removed = []
+        monkeypatch.setattr(writer.shutil, "rmtree", lambda path, **k: (removed.append(
+            (path.name, (output / "config.json").read_text())), real_rmtree(path, **k)))
+        with writer.atomic_output_dir(output, overwrite=True) as staging:
+            (staging / "config.json").write_text("new")
+        # When the old checkpoint is removed, the new one is already in place.
+        assert len(removed) == 1 and removed[0][1] == "new"
+        assert (output / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_cleans_up_staging_and_exits_with_one_line(tiny_model, tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    directory, dataset, _ = tiny_model
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "starquant_plugin.cli", "quantize", str(directory), "--recipe",
+         str(RECIPES / "starquant_w8a8.yaml"), "--output", str(output), "--dataset", str(dataset), "--num-samples", "16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".out.partial-*")), "staging never appeared"
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signal_name)
+    assert stderr.strip().splitlines()[-1] == f"starquant quantize: interrupted by {signal_name}; nothing was written"
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_records_longer_than_the_model_are_truncated_with_a_named_warning(tiny_model):
+    from starquant_plugin.data import CalibrationTruncatedWarning
+    from tests.conftest import tiny_tokenizer
+
+    directory, _, _ = tiny_model
+    config = json.loads((directory / "config.json").read_text())
+    records = [CalibrationRecord("abc=", "a" * 3 * config["max_sequence_length"]), CalibrationRecord("abc=", "short")]
+    with pytest.warns(CalibrationTruncatedWarning, match=f"1 of 2 calibration records .*{config['max_sequence_length']} tokens"):
+        samples = masked_calibration_samples(tiny_tokenizer(config), records, config["mask_token_id"], 2,
+                                             max_length=config["max_sequence_length"])
+    assert max(len(s["input_ids"]) for s in samples) == config["max_sequence_length"]

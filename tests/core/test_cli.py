@@ -101,6 +101,10 @@ def test_model_directory_that_is_not_llada(tmp_path, tasks_file, capsys):
         (["--gen-length", "6", "--block-length", "4"], "block_length=4 does not divide gen_length=6"),
         (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "steps=3 is not divisible by the number of blocks 2"),
         (["--batch-size", "0"], "batch_size must be positive"),
+        (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+        (["--cfg-scale", "inf"], "cfg_scale must be a finite number >= 0, got inf"),
+        (["--seed", str(10**23)], "seed must be an integer in"),
+        (["--gen-length", "300"], "+ gen_length 300 exceeds max_sequence_length=256"),
     ],
 )
 def test_bad_decoding_settings(tiny_checkpoint, tasks_file, capsys, flags, message):
@@ -109,6 +113,40 @@ def test_bad_decoding_settings(tiny_checkpoint, tasks_file, capsys, flags, messa
     if "batch" not in flags[0]:
         assert main(["generate", str(tiny_checkpoint[0]), "--prompt", "ab", *flags]) == 2
         assert message in _error(capsys)
+
+
+def _one_line_error(capsys, command: str) -> str:
+    lines = _error(capsys).strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert len(lines) == 1 and lines[0].startswith(f"starquant {command}: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("abéc", "--prompt: character 'é' (U+00E9) at position 2 is not in the model's vocabulary"),
+        ("aBc", "--prompt: character 'B' (U+0042) at position 1 is not in the model's vocabulary"),
+        ("ab<|mdm_mask|>c", "--prompt: contains the mask token '<|mdm_mask|>' (id 49) at position 2"),
+        ("a\udcffb", "--prompt: character at position 1 is a lone surrogate (U+DCFF)"),  # undecodable argv byte
+    ],
+)
+def test_generate_refuses_a_prompt_the_model_cannot_read(tiny_checkpoint, capsys, prompt, message):
+    """Exit 2 and one line naming the character (or the mask token) and where it is, not a traceback
+    and not a silent unknown token or a filled-in mask."""
+    assert main(["generate", str(tiny_checkpoint[0]), "--prompt", prompt, "--gen-length", "2"]) == 2
+    assert message in _one_line_error(capsys, "generate")
+
+
+def test_eval_refuses_prompts_and_answers_the_model_cannot_read(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "tasks.jsonl"
+    rows = [{"prompt": "ab", "answer": "c"}, {"prompt": "a?", "answer": "c"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(path)]) == 2
+    assert f"{path}: example 2: prompt: character '?' (U+003F) at position 1" in _one_line_error(capsys, "eval")
+    path.write_text(json.dumps({"prompt": "ab", "answer": "c!"}) + "\n")
+    assert main(["eval", str(tiny_checkpoint[0]), "--tasks", str(path)]) == 2
+    assert "example 1: answer: character '!' (U+0021) at position 1" in _one_line_error(capsys, "eval")
 
 
 def test_model_without_tasks_is_a_usage_error(tiny_checkpoint, capsys):

@@ -10,6 +10,7 @@ from starquant_plugin.diffusion import (
     hf_logits_fn,
     num_transfer_tokens,
 )
+from starquant_plugin.errors import InputError
 
 VOCAB, MASK = 20, 19
 
@@ -64,8 +65,6 @@ def test_matches_llada_reference(steps, gen_length, block_length):
     expected = llada_reference_generate(prompt, steps, gen_length, block_length)
     assert torch.equal(output.sequences, expected)
     assert output.steps == steps and not (output.generated == MASK).any()
-
-
 
 
 def test_commit_schedule_blocks_and_hook():
@@ -129,6 +128,81 @@ def test_threshold_decoding_never_commits_the_mask_token():
     assert all(steps <= 4 for steps in output.steps_per_block)
 
 
+def mask_loving(input_ids, attention_mask=None):
+    """A model whose favourite token is the mask itself, by far, everywhere."""
+    logits = content_logits(input_ids)
+    logits[:, :, MASK] = 50.0
+    return logits
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(gen_length=8, steps=8),
+        dict(gen_length=8, steps=4, block_length=4),
+        dict(gen_length=8, steps=2, block_length=4),
+        dict(gen_length=8, steps=32, block_length=4),
+        dict(gen_length=8, steps=8, temperature=0.8, seed=1),
+        dict(gen_length=8, steps=4, remasking="random", seed=2),
+        dict(gen_length=8, steps=4, cfg_scale=1.0),
+        dict(gen_length=8, block_length=4, threshold=0.5),
+    ],
+)
+def test_no_mask_token_survives_even_when_the_model_prefers_it(settings):
+    """Every decoding mode fills every generated position with a real token, each in its block's
+    scheduled number of steps; the proposal is the best token other than the mask."""
+    prompt = torch.randint(0, MASK, (3, 4), generator=torch.Generator().manual_seed(6))
+    config = DiffusionSamplingConfig(**settings)
+    recorded = []
+    output = diffusion_generate(mask_loving, prompt, MASK, config, trajectory_hook=recorded.append)
+    assert not (output.generated == MASK).any()
+    assert all(not (step.canvas[step.committed] == MASK).any() for step in recorded)
+    if config.threshold is None:
+        assert output.steps_per_block == [min(config.steps_per_block, config.block_length)] * config.num_blocks
+    if config.temperature == 0 and config.cfg_scale == 0:
+        for step in recorded:  # greedy: each committed token is the best one but the mask
+            runner_up = mask_loving(step.input_ids)[..., :MASK].argmax(-1)  # MASK is the last id
+            assert torch.equal(step.canvas[step.committed], runner_up[step.committed])
+
+
+def test_more_steps_than_tokens_run_no_extra_step_and_allocate_nothing_per_step():
+    """`steps` beyond one token per step change nothing, even absurdly many (no [batch, steps] schedule)."""
+    prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(7))
+    one_per_step = DiffusionSamplingConfig(gen_length=6, steps=6, block_length=3)
+    plain = diffusion_generate(content_logits, prompt, MASK, one_per_step)
+    absurd = DiffusionSamplingConfig(gen_length=6, steps=2 * 10**13, block_length=3)
+    huge = diffusion_generate(content_logits, prompt, MASK, absurd)
+    assert torch.equal(huge.sequences, plain.sequences) and huge.steps_per_block == [3, 3]
+
+
+def test_a_prompt_with_the_mask_token_is_refused_not_filled_in():
+    prompt = torch.tensor([[1, 2, 3, 4], [0, 5, MASK, 7]])
+    with pytest.raises(InputError, match=f"prompt 1 contains the mask token id {MASK} at position 2"):
+        diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(gen_length=4))
+    padded = torch.tensor([[1, 2, 3, 4], [MASK, 5, 6, 7]])
+    with pytest.raises(ValueError, match=f"prompt 1 is padded with the mask token id {MASK}"):
+        diffusion_generate(content_logits, padded, MASK, DiffusionSamplingConfig(gen_length=4),
+                           attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.9])
+def test_non_finite_logits_stop_decoding_with_an_error(threshold):
+    """NaN confidence can never be selected: an error, not masks left behind or a loop without end."""
+    calls = []
+
+    def broken(input_ids, attention_mask=None):
+        calls.append(1)
+        assert len(calls) < 50, "decoding does not stop"
+        logits = content_logits(input_ids)
+        logits[:, -1] = float("nan")
+        return logits
+
+    prompt = torch.randint(0, MASK, (1, 3), generator=torch.Generator().manual_seed(8))
+    config = DiffusionSamplingConfig(gen_length=4, threshold=threshold)
+    with pytest.raises(RuntimeError, match="logits are not finite at 1 masked position"):
+        diffusion_generate(broken, prompt, MASK, config)
+
+
 def test_threshold_commits_all_confident_and_at_least_one():
     prompt = torch.randint(0, MASK, (2, 3), generator=torch.Generator().manual_seed(4))
 
@@ -174,7 +248,14 @@ def test_classifier_free_guidance_masks_the_prompt_in_the_unconditional_pass():
         ({"gen_length": 8, "block_length": 4, "steps": 3}, "steps=3 is not divisible by the number of blocks 2"),
         ({"gen_length": 8, "remasking": "lowest"}, "remasking must be"),
         ({"gen_length": 8, "threshold": 1.5}, "threshold must be in"),
-        ({"gen_length": 8, "temperature": -1.0}, "temperature must be >= 0"),
+        ({"gen_length": 8, "temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"gen_length": 8, "temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"gen_length": 8, "cfg_scale": float("inf")}, "cfg_scale must be a finite number >= 0, got inf"),
+        ({"gen_length": 8, "threshold": float("nan")}, "threshold must be in"),
+        ({"gen_length": True}, "gen_length must be a positive integer, got True"),
+        ({"gen_length": 8, "steps": 8.0}, "steps must be a positive integer, got 8.0"),
+        ({"gen_length": 8, "seed": 10**23}, "seed must be an integer in"),
+        ({"gen_length": 8, "seed": -(2**63) - 1}, "seed must be an integer in"),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, message):
@@ -213,7 +294,7 @@ def test_batched_left_padded_prompts_equal_one_by_one(tiny_checkpoint):
 )
 def test_logits_window_gives_the_full_canvas_result(settings):
     """Scoring only where a step can commit changes nothing (greedy), and is not asked for otherwise."""
-    prompt = torch.tensor([[1, MASK, 3, 4], [0, 5, 6, 7]])  # a mask token inside the prompt is decodable
+    prompt = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7]])
     attention = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
     windows = []
 
@@ -231,8 +312,9 @@ def test_logits_window_gives_the_full_canvas_result(settings):
     greedy = config.temperature == 0 and config.remasking == "low_confidence"
     assert all((window is not None) == greedy for window in windows)
     if greedy:
-        assert windows[0] == (1, 4 + config.block_length)  # from the prompt's mask token to the block's end
-        assert windows[-1][1] == 4 + config.gen_length and all(lo >= 1 for lo, _ in windows)
+        assert windows[0] == (4, 4 + config.block_length)  # from the first masked position to the block's end
+        assert windows[-1][1] == 4 + config.gen_length and all(lo >= 4 for lo, _ in windows)
+        assert [lo for lo, _ in windows] == sorted(lo for lo, _ in windows)  # the window only shrinks from the left
 
 
 def test_llada_logits_to_keep_runs_the_head_on_the_window_only(tiny_checkpoint):

@@ -1,7 +1,8 @@
 """`starquant serve`: OpenAI-compatible completions over a real vLLM engine, on loopback.
 
-The batching policy is unit-tested on `DiffusionBatcher` with a slow stand-in generator;
-everything else talks HTTP to a real `starquant serve` subprocess.
+The batching policy is unit-tested on `DiffusionBatcher` with a slow stand-in generator, and
+the event loop's freedom on the app with a slow stand-in tokenizer (no engine); everything
+else talks HTTP to one real `starquant serve` subprocess.
 """
 
 import asyncio
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from starquant_plugin.cli import main
 from starquant_plugin.diffusion import DiffusionSamplingConfig
+from starquant_plugin.errors import InputError
 from starquant_plugin.evaluation import core_generate_fn
 from starquant_plugin.models import load_llada
-from starquant_plugin.serving.server import DiffusionBatcher, Overloaded
-from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
+from starquant_plugin.serving.server import DiffusionBatcher, Overloaded, build_app
+from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
@@ -59,10 +62,91 @@ def test_batcher_groups_equal_settings_and_refuses_overload():
     assert calls == [(["a"], 0), (["b", "d"], 0), (["c"], 9)]
 
 
+def test_batcher_refuses_a_request_that_could_never_be_admitted():
+    """More prompts than max_pending is the request's fault (400), not a full queue (503, retry)."""
+
+    async def scenario():
+        batcher = DiffusionBatcher(lambda prompts, sampling: [], max_batch_size=2, max_pending=4)
+        batcher.start()
+        try:
+            with pytest.raises(InputError, match="5 prompts in one request exceed max_pending=4"):
+                await batcher.submit(list("abcde"), DiffusionSamplingConfig(gen_length=2))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+class _SlowTokenizer:
+    """The tiny character tokenizer, taking 1.5 s over a text that starts with "slow"."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, text, **kwargs):
+        if isinstance(text, str) and text.startswith("slow"):
+            time.sleep(1.5)
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class _StandInLLM:
+    """What `build_app` needs of a `DiffusionLLM`, without an engine."""
+
+    max_sequence_length = 64
+
+    def __init__(self):
+        config = tiny_config()
+        self.tokenizer, self.mask_token_id = _SlowTokenizer(tiny_tokenizer(config)), config["mask_token_id"]
+
+    def generate(self, prompts, sampling):
+        return [_Completion(p[::-1], [0] * sampling.gen_length) for p in prompts]
+
+
+def test_health_answers_while_a_request_is_being_tokenized():
+    """Parsing and tokenizing run off the event loop: a slow request holds up nothing else."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(_StandInLLM(), "stand-in")) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/v1/completions", json={"prompt": "slow abc", "max_tokens": 2})
+        time.sleep(0.3)  # the slow request is in its tokenizer now
+        started = time.perf_counter()
+        health = client.get("/health")
+        waited = time.perf_counter() - started
+        assert health.status_code == 200 and waited < 0.5 and not slow.done()
+        done = slow.result(timeout=30)
+        assert done.status_code == 200 and done.json()["choices"][0]["text"] == "cba wols"
+        assert done.json()["usage"]["prompt_tokens"] == len("slow abc") + 1  # BOS
+
+
+def test_declared_body_size_over_the_limit_is_refused_before_reading():
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(_StandInLLM(), "stand-in", max_body_bytes=1000)) as client:
+        claimed = client.post("/v1/completions", content=b"{}", headers={"content-length": str(10**12)})
+        assert claimed.status_code == 413
+        assert "exceeds the limit of 1000 bytes (max_body_bytes)" in claimed.json()["error"]["message"]
+        bogus = client.post("/v1/completions", content=b"{}", headers={"content-length": "lots"})
+        assert bogus.status_code == 400 and "Content-Length" in bogus.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2}).status_code == 200
+
+
+def test_serve_refuses_a_body_limit_that_is_not_positive(capsys):
+    assert main(["serve", "--max-body-bytes", "0"]) == 2
+    assert "--max-body-bytes out of range: 0" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+MAX_BODY_BYTES = 256 * 1024  # room for the 100k-deep JSON below (200 kB)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +157,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "starquant_plugin.cli", "serve", str(directory), "--port", str(port),
-         "--served-model-name", "tiny", "--max-pending", "4"],
+         "--served-model-name", "tiny", "--max-pending", "4", "--max-body-bytes", str(MAX_BODY_BYTES)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -137,8 +221,28 @@ def test_completions_match_core_under_a_concurrent_burst(server):
         ({"prompt": "abc", "max_tokens": 4, "remasking": "sometimes"}, 400, "remasking"),
         ({"prompt": "abc", "max_tokens": 4, "threshold": 2.0}, 400, "threshold"),
         ({"prompt": "abc", "max_tokens": 1000}, 400, "max_sequence_length"),
+        ({"prompt": "a" * 250, "max_tokens": 8}, 400, "prompt: 251 prompt tokens + max_tokens 8 exceeds"),
         ({"prompt": [], "max_tokens": 4}, 400, "prompt"),
         ({"prompt": "abc", "model": "other"}, 404, "not served"),
+        # Bounds: the canvas (max_sequence_length=256 here), the seed's range.
+        ({"prompt": "abc", "max_tokens": 10**13}, 400, "max_tokens: 10000000000000 exceeds the model's max_sequence"),
+        ({"prompt": "abc", "steps": 10**13}, 400, "steps: 10000000000000 exceeds the model's max_sequence_length=256"),
+        ({"prompt": "abc", "block_length": 4096}, 400, "block_length: 4096 exceeds"),
+        ({"prompt": "abc", "seed": 10**23}, 400, "seed: Input should be less than or equal to 9223372036854775807"),
+        ({"prompt": "abc", "seed": -1}, 400, "seed: Input should be greater than or equal to 0"),
+        # Strict types: a boolean is not a number, a string not an integer.
+        ({"prompt": "abc", "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+        ({"prompt": "abc", "steps": False}, 400, "steps"),
+        ({"prompt": "abc", "temperature": True}, 400, "temperature: Input should be a valid number"),
+        ({"prompt": "abc", "seed": "7"}, 400, "seed: Input should be a valid integer"),
+        ({"prompt": "abc", "n": True}, 400, "n: Value error, must be an integer"),
+        ({"prompt": "abc", "stream": 0}, 400, "stream: Value error, must be a boolean"),
+        # Prompts the model cannot read as written.
+        ({"prompt": "ab\u00e9c", "max_tokens": 2}, 400, "prompt: character 'é' (U+00E9) at position 2 is not in the"),
+        ({"prompt": ["abc", "aBc"], "max_tokens": 2}, 400, "prompt[1]: character 'B' (U+0042) at position 1"),
+        ({"prompt": "ab<|mdm_mask|>c", "max_tokens": 2}, 400, "prompt: contains the mask token '<|mdm_mask|>' (id 49)"),
+        # More prompts than the server ever queues (--max-pending 4): the request's fault, not a full queue.
+        ({"prompt": ["abc"] * 5, "max_tokens": 2}, 400, "prompt: 5 prompts in one request exceed max_pending=4"),
     ],
 )
 def test_malformed_requests_are_answered_and_the_server_keeps_going(server, body, status, message):
@@ -154,6 +258,58 @@ def test_non_json_body_is_400(server):
     base, _ = server
     response = httpx.post(f"{base}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"prompt": "abc", "temperature": NaN}', "temperature: Input should be a finite number"),
+        (b'{"prompt": "abc", "cfg_scale": Infinity}', "cfg_scale: Input should be a finite number"),
+        (b'{"prompt": "abc", "threshold": -Infinity}', "threshold: Input should be a finite number"),
+        (b'{"prompt": "ab\\ud800c"}', "prompt: character at position 2 is a lone surrogate (U+D800)"),
+        (b'{"prompt": "abc", "\\udfff": 1}', "request body: Input should be a valid string"),  # a key
+        (b"[" * 100_000 + b"]" * 100_000, "request body: JSON nested too deeply"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "request body: JSON nested too deeply"),
+        (b"\xff\xfe{}", "request body is not valid JSON"),
+        (b'["abc"]', "request body: Input should be a valid dictionary"),
+    ],
+)
+def test_hostile_bodies_are_400_naming_the_field(server, body, message):
+    base, _ = server
+    response = httpx.post(f"{base}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
+
+
+@pytest.mark.slow
+def test_integers_are_fine_floats(server):
+    base, _ = server
+    response = _complete(base, prompt="abc", max_tokens=2, temperature=1, cfg_scale=0, threshold=1)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 1
+
+
+@pytest.mark.slow
+def test_bodies_over_the_limit_are_413_naming_it(server):
+    """Refused by Content-Length, and by counting a chunked upload that declares no length."""
+    base, _ = server
+    padding = "a" * MAX_BODY_BYTES
+    declared = httpx.post(f"{base}/v1/completions", json={"prompt": padding, "max_tokens": 2}, timeout=60)
+    assert declared.status_code == 413
+    assert f"exceeds the limit of {MAX_BODY_BYTES} bytes (max_body_bytes)" in declared.json()["error"]["message"]
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 4096 + 1):
+            yield b"a" * 4096
+        yield b'", "max_tokens": 2}'
+
+    streamed = httpx.post(f"{base}/v1/completions", content=chunks(), timeout=60)
+    assert streamed.request.headers.get("transfer-encoding") == "chunked"
+    assert streamed.status_code == 413 and str(MAX_BODY_BYTES) in streamed.json()["error"]["message"]
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
 
 
 @pytest.mark.slow

@@ -6,9 +6,6 @@ compared with the core's fake-quant reload of the same checkpoint.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from starquant_plugin.evaluation import load_tasks
 from starquant_plugin.models import load_llada
 from starquant_plugin.quantization.runtime import attach_runtime, sequence_mask_ratio
 from starquant_plugin.quantization.tac import mask_ratio_bucket
-from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
+from tests.conftest import quantize_with_cli, random_hub_tensors, tiny_config, write_hub_checkpoint
 
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
 
@@ -28,24 +25,12 @@ from starquant_plugin.serving import DiffusionLLM  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPRESS_CLI = Path(os.environ.get("STARQUANT_COMPRESS_CLI", ROOT / ".venv" / "compress" / "bin" / "starquant"))
-
-
-def quantize(model_dir: Path, recipe: str, output: Path, *extra: str) -> Path:
-    assert COMPRESS_CLI.is_file(), f"the compress environment is needed to write checkpoints: {COMPRESS_CLI} (make setup)"
-    done = subprocess.run(
-        [str(COMPRESS_CLI), "quantize", str(model_dir), "--recipe", str(ROOT / "recipes" / recipe),
-         "--output", str(output), *extra],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return output
 
 
 @pytest.fixture(scope="module")
 def shipped_checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("starquant")
-    return {bits: quantize(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits)
+    return {bits: quantize_with_cli(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits)
             for bits in ("w8a8", "w4a8", "w4a8_head_embed_int8")}
 
 
@@ -145,7 +130,7 @@ def test_second_model_serves_as_it_scores_in_the_core(tmp_path):
     """examples/models/llada-gqa-6d: trained, GQA, bf16 in four shards, special ids 37-39, 7-token answers."""
     from starquant_plugin.cli import main
 
-    output = quantize(ROOT / "examples" / "models" / "llada-gqa-6d", "starquant_w4a8.yaml", tmp_path / "w4a8")
+    output = quantize_with_cli(ROOT / "examples" / "models" / "llada-gqa-6d", "starquant_w4a8.yaml", tmp_path / "w4a8")
     scores = {}
     for backend in ("core", "vllm"):
         out = tmp_path / f"{backend}.json"
@@ -161,8 +146,8 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=11))
     dataset = tmp_path / "calibration.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
-    output = quantize(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
-                      "--num-samples", "16")
+    output = quantize_with_cli(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
+                               "--num-samples", "16")
     model, tokenizer = load_llada(output)
     assert hasattr(model.model.transformer.blocks[0].attn_out, "sgat_smoothing")
     batch = tokenizer(["abc1=", "hello there", "q"], padding=True, return_tensors="pt")
@@ -193,7 +178,7 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
 
 def test_plain_compressed_tensors_checkpoint_keeps_the_stock_path(tmp_path):
     """No starquant_config: vLLM's own compressed-tensors method serves it, unchanged."""
-    directory = quantize(SHIPPED_MODEL, "baselines/rtn_w8a8.yaml", tmp_path / "rtn")
+    directory = quantize_with_cli(SHIPPED_MODEL, "baselines/rtn_w8a8.yaml", tmp_path / "rtn")
     model, tokenizer = load_llada(directory)
     input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
     real = attention_mask.bool()

@@ -15,6 +15,7 @@ from ...quantization.apply import apply_sgat_site
 from ...quantization.hadamard import rotation_block_for
 from ...quantization.mappings import sgat_sites
 from ...quantization.runtime import attach_runtime
+from ..recipe_check import check_session_recipe
 
 __all__ = ["SGATModifier"]
 
@@ -32,7 +33,8 @@ class SGATModifier(Modifier):
     quantizer that follows in the recipe) and a per-state compensation `mu_s W^T` is
     added to each output, so the model is unchanged in full precision.
 
-    Place it before the weight quantizer, so GPTQ's Hessians see transformed inputs:
+    Place it before the weight quantizer, so GPTQ's Hessians see transformed inputs; its bits
+    come from the quantizer's scheme (the whole-recipe rules: `compress/recipe_check.py`):
 
     example recipe:
     ```yaml
@@ -41,8 +43,6 @@ class SGATModifier(Modifier):
         SGATModifier:
           rotation_block_size: 128
           smoothing_strength: 0.5
-          activation_bits: 8
-          weight_bits: 4
         GPTQModifier:
           targets: ["Linear"]
           ignore: ["model.transformer.ff_out"]
@@ -50,7 +50,8 @@ class SGATModifier(Modifier):
     ```
 
     Lifecycle:
-        - on_initialize: check the architecture and the calibration data, map the sites
+        - on_initialize: check the architecture, the whole recipe (order, quantizer, scheme)
+          and the calibration data; take the bits from the quantizer's scheme; map the sites
         - on_calibration_start: hooks capture each block's token states (from input ids)
           and each site's input rows
         - on_sequential_epoch_end: calibrate the finished blocks' sites (centres,
@@ -66,8 +67,11 @@ class SGATModifier(Modifier):
     :param per_state_shift: subtract a per-state centre (ablation: one shared centre)
     :param per_state_clip: search a clip ratio per state (ablation: clip 1.0)
     :param activation_bits: bits of the per-token activation quantizer the clip is tuned for
-    :param weight_bits: bits of the weight quantizer assumed during the clip search
-    :param weight_group_size: group size of that weight quantizer (None = per channel)
+        (default: the quantizer's scheme at the SGAT sites; if set, it must equal it)
+    :param weight_bits: bits of the weight quantizer assumed during the clip search (default:
+        the quantizer's scheme; if set, it must equal it)
+    :param weight_group_size: group size of that weight quantizer (default: the scheme's; None
+        in the scheme = per channel)
     :param max_tokens_per_site: calibration rows kept per site (evenly subsampled)
     """
 
@@ -78,8 +82,8 @@ class SGATModifier(Modifier):
     centre: Literal["mean", "midrange"] = "mean"
     per_state_shift: bool = True
     per_state_clip: bool = True
-    activation_bits: int = Field(default=8, ge=2, le=16)
-    weight_bits: int = Field(default=8, ge=2, le=16)
+    activation_bits: int | None = Field(default=None, ge=2, le=16)
+    weight_bits: int | None = Field(default=None, ge=2, le=16)
     weight_group_size: int | None = Field(default=None, gt=0)
     max_tokens_per_site: int = Field(default=4096, gt=0)
 
@@ -100,6 +104,9 @@ class SGATModifier(Modifier):
             raise ValueError(
                 f"SGATModifier supports LLaDA-format models; got model_type {getattr(model.config, 'model_type', None)!r}"
             )
+        scheme = check_session_recipe(model).sgat_scheme
+        for key, value in scheme.items():  # unset fields take the scheme's value; set ones were checked
+            setattr(self, key, value)
         if getattr(state, "data", None) is None or state.data.calib is None:
             raise ValueError("SGATModifier requires calibration data (masked canvases)")
         self._blocks = list(model.model.transformer.blocks)

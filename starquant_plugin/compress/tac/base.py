@@ -18,6 +18,7 @@ from ...quantization import TACMap, fit_tac, fit_tac_to_output, shrink_tac
 from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, sequence_mask_ratio
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
+from ..recipe_check import check_session_recipe
 
 __all__ = ["TACModifier"]
 
@@ -59,7 +60,8 @@ class TACModifier(Modifier):
     ```
 
     Lifecycle:
-        - on_initialize: check the architecture, block size and calibration data; pick the
+        - on_initialize: check the architecture, block size, the whole recipe (it comes after
+          the weight quantizer) and calibration data; pick the
           fitting and held-out rows
         - on_calibration_end: decode the calibration prompts with the quantized model,
           recording every step's canvas; load the full-precision reference; for each
@@ -135,6 +137,7 @@ class TACModifier(Modifier):
         head_dim = config.d_model // config.n_heads
         if self.block_size is not None and head_dim % self.block_size:
             raise ValueError(f"TACModifier.block_size={self.block_size} does not divide head_dim={head_dim}")
+        check_session_recipe(state.model)
         if getattr(state, "data", None) is None or state.data.calib is None:
             raise ValueError("TACModifier requires calibration data (prompts to decode into trajectories)")
         rows = []

@@ -6,7 +6,9 @@ hub checkpoints load without renaming and llm-compressor targets/ignores read th
 on the hub. Attention is fully bidirectional; a 2D padding `attention_mask` hides padded keys.
 """
 
+import os
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ...diffusion.masking import token_states as token_states_from_ids
+from ...errors import InputError
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDALlamaBlock", "LLaDARMSNorm"]
@@ -237,6 +240,11 @@ class LLaDAModel(nn.Module):
         return logits, tuple(all_hidden_states) if all_hidden_states is not None else None
 
 
+def _is_local_checkpoint(path) -> bool:
+    """A local directory with a config.json (hub ids and config objects go to transformers as they are)."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(path), "config.json"))
+
+
 class LLaDAModelLM(LLaDAPreTrainedModel):
     """LLaDA with its LM head: `forward(input_ids)` returns logits for every position.
 
@@ -247,11 +255,38 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     # A weight-tied LLaDA has no `ff_out` module at all (the logits read `wte.weight`), so there
     # is nothing for transformers to tie.
     _tied_weights_keys = {}
+    # Installed by `starquant_plugin.loading`, the layer above models/ and checkpoint/:
+    # `loader(cls, path, *model_args, **kwargs)` validates a local checkpoint directory and loads a
+    # quantized one with its STaR-Quant tensors and activation quantizers (transformers drops them).
+    checkpoint_loader: ClassVar[Callable | None] = None
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, through `checkpoint_loader` for a local checkpoint
+        directory: validated first, and a quantized one loaded as `starquant_plugin.load` does, so
+        that `AutoModelForCausalLM.from_pretrained(dir)` gives the same model."""
+        loader = LLaDAModelLM.checkpoint_loader
+        if loader is not None and _is_local_checkpoint(pretrained_model_name_or_path):
+            return loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if getattr(model.config, "starquant_config", None) is not None:
+            # Not a local directory (e.g. a hub id): transformers dropped its STaR-Quant tensors.
+            raise InputError(
+                f"{pretrained_model_name_or_path}: a STaR-Quant checkpoint loads only from a local directory: "
+                "download it, then use starquant_plugin.load(directory)"
+            )
+        return loaded
+
+    @classmethod
+    def from_pretrained_unrouted(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' own `from_pretrained` (what `checkpoint_loader` calls inside)."""
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer.wte
