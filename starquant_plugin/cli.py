@@ -345,6 +345,9 @@ def run_quantize(args: argparse.Namespace) -> None:
     )
     for reason in summary["core_only"]:
         print(f"core-only (starquant eval / starquant_plugin.load; vLLM cannot serve it): {reason}")
+    for size, problem in summary["tensor_parallel"].items():
+        if problem is not None:
+            print(f"not servable with --tensor-parallel-size {size}: {problem}")
 
 
 def run_bench(args: argparse.Namespace) -> None:

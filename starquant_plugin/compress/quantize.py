@@ -2,6 +2,7 @@
 
 import random
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,7 @@ from ..data import load_calibration_records, masked_calibration_samples
 from ..models import load_llada, read_llada_config
 from .recipe_check import check_recipe
 
-__all__ = ["quantize", "validate_recipe"]
+__all__ = ["TensorParallelWarning", "quantize", "tensor_parallel_sizes", "validate_recipe"]
 
 
 def validate_recipe(recipe: Path):
@@ -64,6 +65,28 @@ def refuse_tied_embedding_quantization(instance, model, recipe: Path) -> None:
                 )
 
 
+class TensorParallelWarning(UserWarning):
+    """The written checkpoint cannot be served at some usual tensor-parallel sizes."""
+
+
+def tensor_parallel_sizes(checkpoint: Path, sizes: tuple[int, ...] = (2, 4, 8)) -> dict[int, str | None]:
+    """Per usual tensor-parallel size (up to the head count): None where vLLM can split the
+    checkpoint over that many ranks, else why not (SGAT rotation block, TAC block or weight group
+    larger than a rank's slice, heads); a named `TensorParallelWarning` for each size ruled out."""
+    from ..checkpoint import validate_checkpoint
+    from ..serving.servable import tensor_parallel_problem
+
+    validated = validate_checkpoint(checkpoint, with_tokenizer=False)
+    problems = {
+        size: tensor_parallel_problem(validated, size) for size in sizes if size <= validated.model_config.n_heads
+    }
+    for size, problem in problems.items():
+        if problem is not None:
+            warnings.warn(f"{checkpoint}: cannot be served with tensor_parallel_size={size}: {problem}",
+                          TensorParallelWarning, stacklevel=2)
+    return problems
+
+
 def quantize(
     model_dir: Path,
     recipe: Path,
@@ -75,7 +98,8 @@ def quantize(
     overwrite: bool = False,
 ) -> dict:
     """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds, and
-    `core_only`: why vLLM could not serve the result, empty when it can).
+    `core_only`: why vLLM could not serve the result, empty when it can; `tensor_parallel`: per
+    tensor-parallel size 2, 4, 8 why vLLM could not split it, None where it can).
 
     Everything that needs no model is checked before the model loads: the output directory (not
     the input, not existing unless `overwrite`), the recipe as a whole (`recipe_check.RULES`)."""
@@ -121,6 +145,7 @@ def quantize(
         for extra in ("eval.jsonl", "calibration.jsonl"):
             if (model_dir / extra).is_file():  # keep the shipped task sets next to the model
                 (staging / extra).write_bytes((model_dir / extra).read_bytes())
+    tensor_parallel = tensor_parallel_sizes(output)
     size = sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors")
     original = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix == ".safetensors")
     saved = read_llada_config(output)
@@ -134,6 +159,7 @@ def quantize(
         "schemes": bits,
         "starquant": sorted(k for k in ("sgat", "tac") if (saved.get("starquant_config") or {}).get(k)),
         "core_only": recipe_check.core_only,
+        "tensor_parallel": tensor_parallel,
         "weights_bytes": size,
         "original_weights_bytes": original,
         "seconds": round(time.perf_counter() - started, 1),

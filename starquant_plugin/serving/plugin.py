@@ -17,6 +17,26 @@ def _init_cpu_amx() -> None:
         init_amx()
 
 
+def _keep_float32_int8_gemms_on_onednn() -> None:
+    """vLLM 0.32 on an AMX CPU routes int8 weights to its AMX GEMM (`int8_scaled_mm_with_quant`),
+    which takes bf16/fp16 inputs only: a float32 model then fails at its first forward ("expect A
+    to be bfloat16 or half"). Keep float32 models (default dtype while weights are processed) on
+    the oneDNN int8 GEMM, which takes float32; bf16/fp16 models keep the AMX kernel."""
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    original = cpu.check_cpu_sgl_kernel
+    if getattr(original, "_starquant_float32_guard", False):
+        return
+
+    def check_cpu_sgl_kernel(n: int, k: int, dtype: torch.dtype) -> bool:
+        if dtype == torch.int8 and torch.get_default_dtype() == torch.float32:
+            return False
+        return original(n, k, dtype)
+
+    check_cpu_sgl_kernel._starquant_float32_guard = True
+    cpu.check_cpu_sgl_kernel = check_cpu_sgl_kernel
+
+
 def register() -> None:
     """Register LLaDA (config with transformers, model with vLLM), the `starquant`
     quantization method, and set up this process."""
@@ -26,5 +46,7 @@ def register() -> None:
     from .quantization import config  # noqa: F401  (registers the `starquant` quantization method)
 
     _init_cpu_amx()
+    if torch.cpu._is_amx_tile_supported():
+        _keep_float32_int8_gemms_on_onednn()
     if LLADA_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(LLADA_ARCHITECTURE, LLADA_MODEL_CLASS)

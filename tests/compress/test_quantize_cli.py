@@ -236,3 +236,21 @@ def test_calibration_records_longer_than_the_model_are_truncated_with_a_named_wa
         samples = masked_calibration_samples(tiny_tokenizer(config), records, config["mask_token_id"], 2,
                                              max_length=config["max_sequence_length"])
     assert max(len(s["input_ids"]) for s in samples) == config["max_sequence_length"]
+
+
+def test_rotation_blocks_that_rule_out_tensor_parallel_sizes_are_named(tmp_path, capsys):
+    """d_model 192 with 64-wide rotation blocks: a rank's slice at TP 2 (96) or 4 (48) does not hold
+    whole blocks; the checkpoint is written, with a named warning per size and a summary line."""
+    from starquant_plugin.compress.quantize import TensorParallelWarning
+
+    config = tiny_config(d_model=192, n_heads=4, n_kv_heads=2, mlp_hidden_size=256)
+    directory = write_hub_checkpoint(tmp_path / "m", config, random_hub_tensors(config, seed=6))
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(4)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((RECIPES / "starquant_w8a8.yaml").read_text().replace("rotation_block_size: 128", "rotation_block_size: 64"))
+    with pytest.warns(TensorParallelWarning, match="tensor_parallel_size=2: .*input slice 96 .*rotation block 64"):
+        assert main(["quantize", str(directory), "--recipe", str(recipe), "--output", str(tmp_path / "q"),
+                     "--dataset", str(dataset), "--num-samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "not servable with --tensor-parallel-size 2" in printed and "--tensor-parallel-size 4" in printed

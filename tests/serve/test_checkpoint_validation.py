@@ -2,6 +2,9 @@
 before an engine starts: one error naming the file and the tensor, field or layer, in seconds."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -101,3 +104,19 @@ def test_weight_only_sgat_sites_are_not_served(starquant_w8a8_checkpoint, tmp_pa
     refused_before_the_engine(directory, r"quantizes model\.transformer\.blocks\.0\.q_proj as W8A16 .*which the vLLM "
                                          r"backend cannot serve: weight-only quantization of an SGAT site")
     assert json.loads((directory / "config.json").read_text())["starquant_config"]["sgat"] is not None
+
+
+def test_vllm_without_the_plugin_refuses_the_checkpoint(starquant_w8a8_checkpoint, tmp_path):
+    """Plain vLLM (no starquant plugin loaded) must refuse a STaR-Quant checkpoint, not serve garbage."""
+    script = tmp_path / "plain_vllm.py"
+    script.write_text(
+        "import sys\nfrom vllm import LLM\n"
+        "try:\n    LLM(sys.argv[1], enforce_eager=True, max_model_len=128)\n"
+        "except Exception as error:\n    print('REFUSED', error)\n    sys.exit(3)\n"
+        "print('LOADED')\n"
+    )
+    environment = {**os.environ, "VLLM_PLUGINS": "no-such-plugin", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([sys.executable, str(script), str(starquant_w8a8_checkpoint)], capture_output=True,
+                          text=True, timeout=300, env=environment)
+    assert done.returncode == 3 and "REFUSED" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "llada" in done.stdout  # vLLM names the architecture it does not know
