@@ -56,7 +56,9 @@ def unservable_reason(scheme: dict, sgat_site: bool) -> str | None:
     """Why the starquant vLLM plugin cannot serve a linear quantized with `scheme` (None: it can).
 
     Served: int8 per-channel or int4 grouped weights with dynamic per-token int8 activations
-    (W8A8, W4A8), and weight-only int8/int4 (WNA16) outside SGAT sites (LM head, embedding).
+    (W8A8, W4A8); int4 grouped weights with dynamic per-token int4 activations (W4A4) at SGAT
+    sites, whose 4-bit codes SGAT's quantizer produces (CPU: the plugin's packed-int4 GEMM); and
+    weight-only int8/int4 (WNA16) outside SGAT sites (LM head, embedding).
     """
     weights, activations = _args(scheme, "weights"), _args(scheme, "input_activations")
     if weights is None:
@@ -69,8 +71,11 @@ def unservable_reason(scheme: dict, sgat_site: bool) -> str | None:
         return "weight-only quantization of an SGAT site is not served" if sgat_site else None
     if (weights["num_bits"], weights.get("strategy")) not in ((8, "channel"), (4, "group")):
         return f"int{weights['num_bits']} {weights.get('strategy')} weights with activations are not served (W8A8 is per channel, W4A8 per group)"
-    if activations.get("type") != "int" or activations["num_bits"] != 8:
-        return f"{activations.get('type')}{activations['num_bits']} activations are not served (vLLM serves int8 activations)"
+    if activations.get("type") != "int" or activations["num_bits"] not in (4, 8):
+        return f"{activations.get('type')}{activations['num_bits']} activations are not served"
+    if activations["num_bits"] == 4 and not (sgat_site and weights["num_bits"] == 4):
+        return ("int4 activations are served at SGAT sites with int4 weights only (vLLM's own int4-activation "
+                "kernel is GPU-only)")
     if not activations.get("dynamic") or activations.get("strategy") != "token":
         return "only dynamic per-token activation quantization is served"
     return None

@@ -27,11 +27,21 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+class _QuantizedOnFirstUse(dict):
+    """bits -> the shipped model quantized with recipes/starquant_{bits}.yaml, written when first asked for."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = directory
+
+    def __missing__(self, bits: str) -> Path:
+        self[bits] = quantize_with_cli(SHIPPED_MODEL, f"starquant_{bits}.yaml", self.directory / bits)
+        return self[bits]
+
+
 @pytest.fixture(scope="module")
 def shipped_checkpoints(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("starquant")
-    return {bits: quantize_with_cli(SHIPPED_MODEL, f"starquant_{bits}.yaml", tmp / bits)
-            for bits in ("w8a8", "w4a8", "w4a8_head_embed_int8")}
+    return _QuantizedOnFirstUse(tmp_path_factory.mktemp("starquant"))
 
 
 def fixed_canvases(tokenizer, mask_token_id: int):
@@ -59,10 +69,13 @@ def strip_sgat(model) -> None:
 
 # vLLM's int8 GEMM is not exact on every CPU: on AVX2 (no VNNI) oneDNN halves the int8
 # weights to avoid int16 saturation, which costs ~1-2% per linear (measured in docs/serving.md).
-TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02, "w4a8_head_embed_int8": 0.05}
+# W4A4: a 4-bit code is 1/7 of a token's range, so the small differences between the two backends
+# (bf16 group scales in the packed GEMM, summation order) flip codes that cost more than at 8 bits,
+# and they grow with depth (measured per block on the shipped model: 0.6%, 0.9%, 1.3%, 3.5%).
+TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02, "w4a8_head_embed_int8": 0.05, "w4a4": 0.05}
 
 
-@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a8_head_embed_int8"])
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a8_head_embed_int8", "w4a4"])
 def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoints, bits):
     directory = shipped_checkpoints[bits]
     model, tokenizer = load_llada(directory)
@@ -113,7 +126,7 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
 
 # vLLM's W4A8 CPU kernel is slow on AVX2 machines (248 s for 500 examples vs 30 s for the
 # core's fake-quant, docs/serving.md): W4A8 is scored on the first 100 examples here.
-@pytest.mark.parametrize("bits, limit", [("w8a8", 500), ("w4a8", 100)])
+@pytest.mark.parametrize("bits, limit", [("w8a8", 500), ("w4a8", 100), ("w4a4", 100)])
 def test_vllm_exact_match_within_one_point_of_the_core(shipped_checkpoints, bits, limit, tmp_path):
     from starquant_plugin.cli import main
 

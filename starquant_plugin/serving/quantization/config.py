@@ -88,6 +88,14 @@ class StarQuantConfig(CompressedTensorsConfig):
             return None
         return STARQUANT_METHOD
 
+    def _get_scheme_from_parts(self, weight_quant, input_quant, output_quant=None, format=None, layer_name=None):
+        # W4A4 at an SGAT site on CPU: vLLM's int4-activation scheme (WNA4Int) has GPU kernels only.
+        # The W4A8 scheme holds the same int4 weights; `StarQuantLinearMethod` repacks them and feeds
+        # the packed-int4 GEMM SGAT's 4-bit activation codes, so the integer math is W4A4's.
+        if _is_int4_activation_sgat_site(weight_quant, input_quant, layer_name) and not torch.cuda.is_available():
+            input_quant = input_quant.model_copy(update={"num_bits": 8})
+        return super()._get_scheme_from_parts(weight_quant, input_quant, output_quant, format, layer_name)
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         method = super().get_quant_method(layer, prefix)
         if type(method) is CompressedTensorsEmbeddingWNA16Int:  # adds the CPU lookup
@@ -118,6 +126,21 @@ class StarQuantConfig(CompressedTensorsConfig):
             # D is folded upstream except at the attention output under GQA (core mappings).
             online_smoothing=name == "attn_out" and config.n_kv_heads != config.n_heads,
         )
+
+
+def _is_int4_activation_sgat_site(weight_quant, input_quant, layer_name: str | None) -> bool:
+    """int4 weights and dynamic per-token int4 activations on a linear of a block whose checkpoint has SGAT."""
+    if weight_quant is None or input_quant is None or not layer_name or not _BLOCK_LINEAR.search(layer_name):
+        return False
+    from vllm.config import get_current_vllm_config
+
+    block = _starquant_block(get_current_vllm_config().model_config.hf_config)
+    strategy = str(getattr(input_quant.strategy, "value", input_quant.strategy))
+    return (
+        block is not None and block.sgat is not None and weight_quant.num_bits == 4 and input_quant.num_bits == 4
+        and str(getattr(input_quant.type, "value", input_quant.type)) == "int" and input_quant.dynamic
+        and strategy == "token"
+    )
 
 
 class WNA16EmbeddingMethod(CompressedTensorsEmbeddingWNA16Int):
@@ -231,7 +254,13 @@ class StarQuantLinearMethod(LinearMethodBase):
             layer.register_buffer("tac_bucket_edges", edges, persistent=False)
 
     def process_weights_after_loading(self, layer) -> None:
-        self.int4_group = _pack_cpu_int4(layer) if self.sgat and self.activation_bits == 8 else None
+        self.int4_group = _pack_cpu_int4(layer) if self.sgat and self.activation_bits in (4, 8) else None
+        if self.activation_bits == 4 and self.int4_group is None and not torch.cuda.is_available():
+            # vLLM's W4A8 kernel would quantize the 4-bit codes again to 8 bits: W4A8, not W4A4.
+            raise ValueError(
+                f"{layer.prefix}: W4A4 on CPU needs the packed int4 GEMM (group size in {_INT4PACK_GROUPS}, output "
+                f"width a multiple of 8, input width a multiple of 64); this layer does not fit it"
+            )
         if self.int4_group is None:
             self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
