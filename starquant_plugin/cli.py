@@ -343,6 +343,9 @@ def run_quantize(args: argparse.Namespace) -> None:
         f"weights {summary['weights_bytes'] / 2**20:.2f} MiB (from {summary['original_weights_bytes'] / 2**20:.2f} MiB, "
         f"{ratio:.2f}x smaller); {summary['seconds']} s"
     )
+    print("stage                            seconds  peak memory (MiB)")
+    for row in summary["stages"]:
+        print(f"{row['name']:<32} {row['seconds']:>7.1f}  {row['peak_memory_bytes'] / 2**20:>17.0f}")
     for reason in summary["core_only"]:
         print(f"core-only (starquant eval / starquant_plugin.load; vLLM cannot serve it): {reason}")
     for size, problem in summary["tensor_parallel"].items():

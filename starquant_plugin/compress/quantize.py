@@ -1,10 +1,14 @@
 """`starquant quantize`: calibrate a LLaDA-format model with a recipe and write a checkpoint."""
 
+import json
 import random
 import time
 import warnings
+from functools import wraps
+from types import MethodType
 from pathlib import Path
 
+import psutil
 import yaml
 from loguru import logger
 
@@ -14,6 +18,7 @@ from ..checkpoint.config import describe_validation_error
 from ..data import load_calibration_records, masked_calibration_samples
 from ..models import load_llada, read_llada_config
 from .recipe_check import check_recipe
+from .report import STAGES, QuantizeReport, stage
 
 __all__ = ["TensorParallelWarning", "quantize", "tensor_parallel_sizes", "validate_recipe"]
 
@@ -87,6 +92,33 @@ def tensor_parallel_sizes(checkpoint: Path, sizes: tuple[int, ...] = (2, 4, 8)) 
     return problems
 
 
+def _time_saves(model, report: QuantizeReport) -> None:
+    """Record `model.save_pretrained` (called by oneshot) as the stage `save`. A bound method, as
+    llm-compressor wraps it again and reads its `__self__`."""
+    save = model.save_pretrained
+
+    @wraps(save.__func__)
+    def save_pretrained(self, *args, **kwargs):
+        with stage("save"):
+            return save(*args, **kwargs)
+
+    model.save_pretrained = MethodType(save_pretrained, model)
+
+
+def _stage_table(report: QuantizeReport, total: float, oneshot: float) -> list[dict]:
+    """`STAGES` with their seconds and peak memory; the weight quantizer is oneshot's time outside
+    the stages recorded within it, `other` what the total spends outside every stage."""
+    recorded = report.stages
+    whole = recorded.pop("oneshot")
+    inside = sum(r.seconds for name, r in recorded.items() if name not in ("calibration data", "load model"))
+    report.add("weight quantizer", max(oneshot - inside, 0.0), whole.peak_memory_bytes)
+    report.add("other", max(total - sum(r.seconds for r in recorded.values()), 0.0), psutil.Process().memory_info().rss)
+    return [
+        {"name": name, "seconds": round(recorded[name].seconds, 3), "peak_memory_bytes": recorded[name].peak_memory_bytes}
+        for name in STAGES if name in recorded
+    ]
+
+
 def quantize(
     model_dir: Path,
     recipe: Path,
@@ -99,7 +131,8 @@ def quantize(
 ) -> dict:
     """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds, and
     `core_only`: why vLLM could not serve the result, empty when it can; `tensor_parallel`: per
-    tensor-parallel size 2, 4, 8 why vLLM could not split it, None where it can).
+    tensor-parallel size 2, 4, 8 why vLLM could not split it, None where it can; `stages`: wall
+    time and peak memory per stage (`report.STAGES`), also written to `output/quantize_report.json`).
 
     Everything that needs no model is checked before the model loads: the output directory (not
     the input, not existing unless `overwrite`), the recipe as a whole (`recipe_check.RULES`)."""
@@ -119,32 +152,42 @@ def quantize(
             raise ValueError(f"--dataset is required: {model_dir} ships no calibration.jsonl")
     if num_samples <= 0 or samples_per_record <= 0:
         raise ValueError(f"--num-samples and --samples-per-record must be positive, got {num_samples}, {samples_per_record}")
-    records = load_calibration_records(dataset)
-    random.Random(seed).shuffle(records)
-    records = records[: max(1, num_samples // samples_per_record)]
-    model, tokenizer = load_llada(model_dir)
-    refuse_tied_embedding_quantization(instance, model, recipe)
-    recipe_check = check_recipe(instance.modifiers, model, source=str(recipe))
-    samples = masked_calibration_samples(
-        tokenizer, records, config["mask_token_id"], samples_per_record,
-        max_length=model.config.max_position_embeddings, seed=seed,
-    )
-    logger.info(f"calibrating on {len(samples)} masked canvases from {len(records)} records of {dataset}")
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
-        oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=Dataset.from_list(samples),
-            recipe=str(recipe),
-            num_calibration_samples=len(samples),
-            # Already shuffled with --seed; llm-compressor's own shuffle is unseeded, which made
-            # runs differ (SGAT statistics, GPTQ) for the same --seed.
-            shuffle_calibration_samples=False,
-            output_dir=str(staging),
-        )
-        for extra in ("eval.jsonl", "calibration.jsonl"):
-            if (model_dir / extra).is_file():  # keep the shipped task sets next to the model
-                (staging / extra).write_bytes((model_dir / extra).read_bytes())
+    report = QuantizeReport()
+    with report.open():
+        with report.stage("calibration data"):
+            records = load_calibration_records(dataset)
+            random.Random(seed).shuffle(records)
+            records = records[: max(1, num_samples // samples_per_record)]
+        with report.stage("load model"):
+            model, tokenizer = load_llada(model_dir)
+        refuse_tied_embedding_quantization(instance, model, recipe)
+        recipe_check = check_recipe(instance.modifiers, model, source=str(recipe))
+        with report.stage("calibration data"):
+            samples = masked_calibration_samples(
+                tokenizer, records, config["mask_token_id"], samples_per_record,
+                max_length=model.config.max_position_embeddings, seed=seed,
+            )
+        logger.info(f"calibrating on {len(samples)} masked canvases from {len(records)} records of {dataset}")
+        _time_saves(model, report)
+        with atomic_output_dir(output, overwrite=overwrite) as staging:
+            oneshot_started = time.perf_counter()
+            with report.stage("oneshot"):
+                oneshot(
+                    model=model,
+                    tokenizer=tokenizer,
+                    dataset=Dataset.from_list(samples),
+                    recipe=str(recipe),
+                    num_calibration_samples=len(samples),
+                    # Already shuffled with --seed; llm-compressor's own shuffle is unseeded, which made
+                    # runs differ (SGAT statistics, GPTQ) for the same --seed.
+                    shuffle_calibration_samples=False,
+                    output_dir=str(staging),
+                )
+            for extra in ("eval.jsonl", "calibration.jsonl"):
+                if (model_dir / extra).is_file():  # keep the shipped task sets next to the model
+                    (staging / extra).write_bytes((model_dir / extra).read_bytes())
+            stages = _stage_table(report, time.perf_counter() - started, time.perf_counter() - oneshot_started)
+            (staging / "quantize_report.json").write_text(json.dumps({"stages": stages}, indent=2) + "\n")
     tensor_parallel = tensor_parallel_sizes(output)
     size = sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors")
     original = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix == ".safetensors")
@@ -162,5 +205,6 @@ def quantize(
         "tensor_parallel": tensor_parallel,
         "weights_bytes": size,
         "original_weights_bytes": original,
+        "stages": stages,
         "seconds": round(time.perf_counter() - started, 1),
     }

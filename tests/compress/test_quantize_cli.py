@@ -254,3 +254,26 @@ def test_rotation_blocks_that_rule_out_tensor_parallel_sizes_are_named(tmp_path,
                      "--dataset", str(dataset), "--num-samples", "8"]) == 0
     printed = capsys.readouterr().out
     assert "not servable with --tensor-parallel-size 2" in printed and "--tensor-parallel-size 4" in printed
+
+
+def test_quantize_reports_time_and_memory_per_stage(tiny_model, tmp_path, capsys):
+    directory, dataset, _ = tiny_model
+    output = tmp_path / "q"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), "--output", str(output),
+                 "--dataset", str(dataset), "--num-samples", "32"]) == 0  # TAC has held-out rows
+    printed = capsys.readouterr().out
+    stages = json.loads((output / "quantize_report.json").read_text())["stages"]
+    names = [s["name"] for s in stages]
+    assert names == ["load model", "calibration data", "SGAT statistics and clip search", "weight quantizer",
+                     "TAC trajectories", "TAC reference", "TAC fit", "TAC validation", "save", "other"]
+    assert all(s["seconds"] >= 0 and s["peak_memory_bytes"] > 0 for s in stages)
+    assert all(s["seconds"] > 0 for s in stages if s["name"] != "other")
+    total = float(printed.split(" s\n")[0].rsplit("; ", 1)[1])  # the summary line's total
+    assert sum(s["seconds"] for s in stages) == pytest.approx(total, abs=0.5)  # the stages add up
+    assert "TAC validation" in printed and "peak memory" in printed
+    # A recipe without SGAT or TAC has no such stages.
+    output = tmp_path / "rtn"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines" / "rtn_w8a8.yaml"), "--output",
+                 str(output), "--dataset", str(dataset), "--num-samples", "16"]) == 0
+    names = [s["name"] for s in json.loads((output / "quantize_report.json").read_text())["stages"]]
+    assert names == ["load model", "calibration data", "weight quantizer", "save", "other"]

@@ -16,6 +16,7 @@ from ...quantization.hadamard import rotation_block_for
 from ...quantization.mappings import sgat_sites
 from ...quantization.runtime import attach_runtime
 from ..recipe_check import check_session_recipe
+from ..report import stage
 
 __all__ = ["SGATModifier"]
 
@@ -164,6 +165,10 @@ class SGATModifier(Modifier):
 
     @torch.no_grad()
     def _calibrate_block(self, model, index: int) -> None:
+        with stage("SGAT statistics and clip search"):
+            self._calibrate_block_sites(model, index)
+
+    def _calibrate_block_sites(self, model, index: int) -> None:
         captured = self._captured.pop(index)
         states = torch.cat(captured["states"])
         keep = torch.linspace(0, states.numel() - 1, min(states.numel(), self.max_tokens_per_site)).long()

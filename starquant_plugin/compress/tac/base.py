@@ -19,6 +19,7 @@ from ...quantization.mappings import tac_target
 from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, sequence_mask_ratio
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 from ..recipe_check import check_session_recipe
+from ..report import stage
 
 __all__ = ["TACModifier"]
 
@@ -178,13 +179,17 @@ class TACModifier(Modifier):
     def _fit(self, model) -> None:
         config = model.config
         device = next(model.parameters()).device
-        canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id)
-        if not canvases:
-            raise ValueError("TACModifier: no calibration row contains a mask token to decode")
-        held_out = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._validation_rows], config.mask_token_id)
+        with stage("TAC trajectories"):
+            canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id)
+            if not canvases:
+                raise ValueError("TACModifier: no calibration row contains a mask token to decode")
+            held_out = trajectory_canvases(
+                hf_logits_fn(model), [r.to(device) for r in self._validation_rows], config.mask_token_id
+            )
         reference_path = self.reference_model or model.name_or_path
         logger.info(f"TAC: {len(canvases)} canvases; full-precision reference from {reference_path}")
-        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
+        with stage("TAC reference"):
+            reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
         ratios = torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in canvases]).cpu()
         edges = calibrated_bucket_edges(ratios, self.num_buckets) if self.bucketing == "quantile" else uniform_bucket_edges(self.num_buckets)
         self._edges = edges
@@ -193,39 +198,49 @@ class TACModifier(Modifier):
         held_out = [held_out[i] for i in _spread(range(len(held_out)), self.validation_canvases)]
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
-        reference_logits = [reference(input_ids=c).logits[c == config.mask_token_id].float().cpu() for c in held_out] \
-            if self.validate_on == "logits" else None
-        block_size = self.block_size or config.d_model // config.n_heads
-        blocks, reference_blocks = model.model.transformer.blocks, reference.model.transformer.blocks
+        with stage("TAC reference"):
+            reference_logits = [reference(input_ids=c).logits[c == config.mask_token_id].float().cpu()
+                                for c in held_out] if self.validate_on == "logits" else None
+        blocks = model.model.transformer.blocks
         self._chosen, self._errors = [], []
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
-            target = tac_target(blocks[index], config)
-            quantized = _capture(model, target, canvases)
-            reference_target = tac_target(reference_blocks[index], config)
-            folded = getattr(target, "_sgat_folded_smoothing", None)
-            tokens = torch.tensor([c.shape[1] for c in canvases])
-            buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
-            keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
-            if self.objective == "attention_output":
-                full = _capture(reference, reference_target, canvases)
-                if folded is not None:
-                    full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
-                tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
-            else:
-                # What the residual stream receives: FP minus quantized projection output (this layer's map not yet on).
-                error = _capture(reference, reference_target, canvases, output=True)
-                error = (error - _capture(model, target, canvases, output=True))[keep]
-                weight = reference_target.weight.float().T.cpu()  # [in, out]; the layer sees o * D, so o = x / D
-                if folded is not None:
-                    weight = weight / folded.float().cpu()[:, None]
-                tac = fit_tac_to_output(quantized[keep], error, weight, block_size, self.ridge, buckets[keep],
-                                        self.num_buckets, self.iterations)
+            with stage("TAC fit"):
+                target, tac = self._fit_layer(model, reference, index, canvases, ratios, edges)
             if held_out:
-                tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits)
+                with stage("TAC validation"):
+                    tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits)
             _attach(model, target, tac, edges)
         if self._chosen:
             logger.info(f"TAC: strengths kept per layer (per bucket) {self._chosen}")
         del reference
+
+    def _fit_layer(self, model, reference, index, canvases, ratios, edges):
+        """(the layer's TAC target, its fitted map) for layer `index`, earlier layers corrected."""
+        config = model.config
+        block_size = self.block_size or config.d_model // config.n_heads
+        blocks, reference_blocks = model.model.transformer.blocks, reference.model.transformer.blocks
+        target = tac_target(blocks[index], config)
+        quantized = _capture(model, target, canvases)
+        reference_target = tac_target(reference_blocks[index], config)
+        folded = getattr(target, "_sgat_folded_smoothing", None)
+        tokens = torch.tensor([c.shape[1] for c in canvases])
+        buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
+        keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
+        if self.objective == "attention_output":
+            full = _capture(reference, reference_target, canvases)
+            if folded is not None:
+                full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
+            tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
+        else:
+            # What the residual stream receives: FP minus quantized projection output (this layer's map not yet on).
+            error = _capture(reference, reference_target, canvases, output=True)
+            error = (error - _capture(model, target, canvases, output=True))[keep]
+            weight = reference_target.weight.float().T.cpu()  # [in, out]; the layer sees o * D, so o = x / D
+            if folded is not None:
+                weight = weight / folded.float().cpu()[:, None]
+            tac = fit_tac_to_output(quantized[keep], error, weight, block_size, self.ridge, buckets[keep],
+                                    self.num_buckets, self.iterations)
+        return target, tac
 
     def _validate(self, model, reference, index, tac, edges, held_out, held_buckets, reference_logits):
         """Per mask-ratio bucket, the strength whose held-out error (see `validate_on`) is lowest;
