@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
+.PHONY: compare-dream compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
@@ -37,12 +37,17 @@ $(SERVE)/.installed: $(SERVE_REQUIREMENTS) pyproject.toml
 	touch $@
 
 # Full precision -> STaR-Quant W4A8 checkpoint -> served by vLLM (real integer kernels) and
-# evaluated -> the same checkpoint as core fake-quant, for comparison. About 6 min on 2 cores.
+# evaluated -> the same checkpoint as core fake-quant, for comparison; then the same recipe on the
+# shipped Dream-format model, served by vLLM. About 8 min on 2 cores.
+DREAM := starquant_plugin/assets/dream-tiny-reverse
 demo: setup
 	$(COMPRESS)/bin/starquant eval --json results/demo_fp.json
 	$(COMPRESS)/bin/starquant quantize --recipe recipes/starquant_w4a8.yaml --output results/demo_starquant_w4a8 --overwrite
 	$(SERVE)/bin/starquant eval results/demo_starquant_w4a8 --backend vllm --json results/demo_starquant_w4a8_vllm.json
 	$(COMPRESS)/bin/starquant eval results/demo_starquant_w4a8 --json results/demo_starquant_w4a8.json
+	$(COMPRESS)/bin/starquant eval $(DREAM) --json results/demo_dream_fp.json
+	$(COMPRESS)/bin/starquant quantize $(DREAM) --recipe recipes/starquant_w4a8.yaml --output results/demo_dream_starquant_w4a8 --overwrite
+	$(SERVE)/bin/starquant eval results/demo_dream_starquant_w4a8 --backend vllm --json results/demo_dream_starquant_w4a8_vllm.json
 
 # Every recipe on the shipped model -> docs/results.md (+ figures); about 15-25 min on 2 cores.
 compare: setup-compress
@@ -52,6 +57,11 @@ compare: setup-compress
 compare-second-model: setup-compress
 	$(COMPRESS)/bin/python examples/compare.py --model examples/models/llada-gqa-6d --docs docs/llada-gqa-6d \
 		--work results/compare-llada-gqa-6d --dtype float32
+
+# The same recipes on the shipped Dream-format model (bf16 in 4 shards) -> docs/dream-tiny-reverse/.
+compare-dream: setup-compress
+	$(COMPRESS)/bin/python examples/compare.py --model starquant_plugin/assets/dream-tiny-reverse \
+		--docs docs/dream-tiny-reverse --work results/compare-dream-tiny-reverse --dtype float32
 
 # Speed and memory of every variant against bf16 at LLaDA-8B shapes (2 blocks, random weights),
 # canvas 512, batch 1, all cores -> results/bench_llada8b.json; docs/performance.md has the numbers.

@@ -1,4 +1,5 @@
-"""Quantize the shipped model with every recipe and compare: exact match, masked NLL, drift.
+"""Quantize a model (default: the shipped one; any LLaDA or Dream checkpoint) with every recipe
+and compare: exact match, masked NLL, drift.
 
     .venv/compress/bin/python examples/compare.py [--model DIR] [--limit N] [--only NAME ...]
 
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-import starquant_plugin  # noqa: F401  (registers LLaDA and the modifiers)
+import starquant_plugin  # noqa: F401  (registers the model families and the modifiers)
 from starquant_plugin.assets import SHIPPED_MODEL
 from starquant_plugin.compress.quantize import quantize
 from starquant_plugin.diffusion import masked_state
 from starquant_plugin.evaluation import core_generate_fn, default_sampling, evaluate_examples, load_tasks
 from starquant_plugin.evaluation.drift import late_step_mean, mean_masked_nll, trajectory_drift
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
+from starquant_plugin.models import family_of
+from starquant_plugin.quantization.mappings import sgat_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -40,10 +43,14 @@ def recipe_table() -> dict[str, Path]:
 
 
 def activation_ranges(model, tokenizer, examples, mask_token_id):
-    """Per layer, mean per-token absmax of the attention input (attn_norm output) by state."""
+    """Per layer, mean per-token absmax of the attention input (the normed input of q/k/v) by state."""
     ranges = {"masked": [], "unmasked": []}
     captured = []
-    handles = [b.attn_norm.register_forward_hook(lambda m, a, o: captured.append(o)) for b in model.model.transformer.blocks]
+    handles = [
+        sgat_sites(block, model.config)["attention_input"].linears[0].register_forward_pre_hook(
+            lambda m, args: captured.append(args[0]))
+        for block in family_of(model.config).block_list(model)
+    ]
     ids = tokenizer([e.prompt + e.answer for e in examples], return_tensors="pt", padding=True)["input_ids"]
     generator = torch.Generator().manual_seed(0)
     noisy = ids.masked_fill(torch.rand(ids.shape, generator=generator) < 0.5, mask_token_id)
@@ -114,7 +121,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     examples = load_tasks(args.model / "eval.jsonl")[: args.limit]
-    reference, tokenizer = load_llada(args.model, dtype=args.dtype)
+    reference, tokenizer = load_checkpoint(args.model, dtype=args.dtype)
     mask = reference.config.mask_token_id
     sampling = default_sampling(tokenizer, examples)
     results = {}
@@ -142,7 +149,7 @@ def main() -> None:
             continue
         output = args.work / name
         summary = quantize(args.model, recipe, output, overwrite=True)
-        model, _ = load_llada(output, dtype=args.dtype)
+        model, _ = load_checkpoint(output, dtype=args.dtype)
         measure(name, model, {"quantize_seconds": summary["seconds"], "recipe": str(recipe.relative_to(ROOT))})
 
     previous = args.docs / "results.json"
@@ -157,14 +164,18 @@ def main() -> None:
 
 
 def describe_model(path: Path) -> str:
-    """One line from the checkpoint's own files: shapes, heads, dtype, shards, special-token ids."""
+    """One line from the checkpoint's own files: family, shapes, heads, dtype, shards, special-token ids."""
+    from starquant_plugin.checkpoint import validate_checkpoint
+
     config = json.loads((path / "config.json").read_text())
+    model_config = validate_checkpoint(path, with_tokenizer=False).model_config
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     return (
-        f"d_model {config['d_model']}, {config['n_layers']} layers, {config['n_heads']} heads / "
-        f"{config.get('n_kv_heads') or config['n_heads']} KV heads, MLP {config.get('mlp_hidden_size')}, vocab "
-        f"{config['vocab_size']} (mask id {config['mask_token_id']}, EOS {config['eos_token_id']}), "
-        f"{config.get('torch_dtype') or config.get('dtype')} weights in {len(shards)} safetensors file(s)"
+        f"{config['model_type']} format; hidden {model_config.hidden_size}, {model_config.num_hidden_layers} layers, "
+        f"{model_config.num_attention_heads} heads / {model_config.num_key_value_heads} KV heads, MLP "
+        f"{model_config.intermediate_size}, vocab {config['vocab_size']} (mask id {config['mask_token_id']}, EOS "
+        f"{config['eos_token_id']}), {config.get('torch_dtype') or config.get('dtype')} weights in {len(shards)} "
+        "safetensors file(s)"
     )
 
 
@@ -176,6 +187,7 @@ def write_markdown(args, results, figures, machine) -> None:
         command += f" --model {args.model} --docs {args.docs} --work {args.work}"
     if args.dtype != "auto":
         command += f" --dtype {args.dtype}"
+    tasks = sorted({task for row in results.values() for task in row["per_task"]})
     lines = [
         "# Results on the shipped model" if shipped else f"# Results on `{args.model.name}`",
         "",
@@ -188,13 +200,13 @@ def write_markdown(args, results, figures, machine) -> None:
         *(["", f"Re-measured with `--only {' '.join(args.only)}`; the other rows are from the previous run "
                "of this command (kept in results.json)."] if args.only else []),
         "",
-        "| recipe | exact match (%) | Δ vs FP | add | sub | masked NLL | quantize (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| recipe | exact match (%) | Δ vs FP | {' | '.join(tasks)} | masked NLL | quantize (s) |",
+        "| --- | ---: | ---: | " + "---: | " * len(tasks) + "---: | ---: |",
     ]
     for name, row in results.items():
+        per_task = " | ".join(f"{row['per_task'].get(task, 0) * 100:.1f}" for task in tasks)
         lines.append(
-            f"| {name} | {row['exact_match'] * 100:.2f} | {(row['exact_match'] - fp) * 100:+.2f} | "
-            f"{row['per_task'].get('add', 0) * 100:.1f} | {row['per_task'].get('sub', 0) * 100:.1f} | "
+            f"| {name} | {row['exact_match'] * 100:.2f} | {(row['exact_match'] - fp) * 100:+.2f} | {per_task} | "
             f"{row['masked_nll']:.4f} | {row['quantize_seconds']} |"
         )
     lines += ["", f"Drift (per denoising step, W4A4, {args.drift_prompts} prompts; KL at masked positions / fraction of committed tokens that differ from FP):", ""]

@@ -35,7 +35,8 @@ from starquant_plugin.data import trajectory_canvases
 from starquant_plugin.diffusion import hf_logits_fn
 from starquant_plugin.evaluation import default_sampling, load_tasks
 from starquant_plugin.evaluation.drift import late_step_mean, masked_position_kl, trajectory_drift
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
+from starquant_plugin.models import family_of
 from starquant_plugin.quantization import TACMap, apply_tac, fit_tac, shrink_tac
 from starquant_plugin.quantization.mappings import tac_target
 
@@ -71,8 +72,8 @@ def _flat(captured: list[torch.Tensor]) -> torch.Tensor:
 
 
 def layers(args, fp, tokenizer, examples) -> None:
-    quantized, _ = load_llada(args.checkpoints[0], args.dtype)
-    targets = [tac_target(block, quantized.config) for block in quantized.model.transformer.blocks]
+    quantized, _ = load_checkpoint(args.checkpoints[0], args.dtype)
+    targets = [tac_target(block, quantized.config) for block in family_of(quantized.config).block_list(quantized)]
     if not all(hasattr(t, "tac_matrices") for t in targets):
         raise SystemExit(f"{args.checkpoints[0]}: not every layer has TAC maps")
     saved = [TACMap(t.tac_matrices.clone(), t.tac_offsets.clone()) for t in targets]
@@ -118,15 +119,15 @@ def _in_folded_space(full: list[torch.Tensor], quantized: list[torch.Tensor]) ->
 
 
 def oracle(args, fp, tokenizer, examples) -> None:
-    quantized, _ = load_llada(args.checkpoints[0], args.dtype)
+    quantized, _ = load_checkpoint(args.checkpoints[0], args.dtype)
     canvases = fp_canvases(fp, tokenizer, examples)
     with torch.no_grad():
         reference = [fp(input_ids=c).logits for c in canvases]
     mask = fp.config.mask_token_id
-    indices = range(len(fp.model.transformer.blocks)) if args.layer == "all" else [args.layer]
+    indices = range(len(family_of(fp.config).block_list(fp))) if args.layer == "all" else [args.layer]
     # (name, module, its output (else its input), only at the masked positions)
-    points = [("attention output", lambda b: b.attn_out, False, False), ("o-projection output", lambda b: b.attn_out, True, False),
-              ("o-projection output at masked positions only", lambda b: b.attn_out, True, True),
+    points = [("attention output", lambda b: tac_target(b, fp.config), False, False), ("o-projection output", lambda b: tac_target(b, fp.config), True, False),
+              ("o-projection output at masked positions only", lambda b: tac_target(b, fp.config), True, True),
               ("residual after attention", lambda b: b.ff_norm, False, False), ("block output", lambda b: b, True, False)]
     values = position_kl(quantized, canvases, reference, mask)
     top = values.sort(descending=True).values.cumsum(0) / values.sum()
@@ -134,14 +135,14 @@ def oracle(args, fp, tokenizer, examples) -> None:
           f"over {len(values)} masked positions; the top 0.1% / 1% / 10% of them carry "
           + " / ".join(f"{float(top[max(1, int(len(values) * f)) - 1]):.0%}" for f in (0.001, 0.01, 0.1)))
     for name, module_of, output, masked_only in points:
-        wanted = {index: _capture(fp, module_of(fp.model.transformer.blocks[index]), canvases, output) for index in indices}
-        if name == "attention output" and quantized.config.n_kv_heads == quantized.config.n_heads:
-            wanted = {index: _in_folded_space(rows, _capture(quantized, module_of(quantized.model.transformer.blocks[index]), canvases, False))
+        wanted = {index: _capture(fp, module_of(family_of(fp.config).block_list(fp)[index]), canvases, output) for index in indices}
+        if name == "attention output" and quantized.config.num_key_value_heads == quantized.config.num_attention_heads:
+            wanted = {index: _in_folded_space(rows, _capture(quantized, module_of(family_of(quantized.config).block_list(quantized)[index]), canvases, False))
                       for index, rows in wanted.items()}
         handles = []
         for index in indices:
             replacement = iter(zip(wanted[index], canvases))
-            module = module_of(quantized.model.transformer.blocks[index])
+            module = module_of(family_of(quantized.config).block_list(quantized)[index])
             if output:
                 def hook(m, a, o, r=replacement, masked_only=masked_only):
                     full, canvas = next(r)
@@ -160,18 +161,18 @@ def oracle(args, fp, tokenizer, examples) -> None:
 def explained(args, fp, tokenizer, examples) -> None:
     """Per layer: how much of the quantized model's attention-output error a TAC map fitted on
     half of the canvases removes on the other half (fit_tac, one bucket, block head_dim)."""
-    quantized, _ = load_llada(args.checkpoints[0], args.dtype)
+    quantized, _ = load_checkpoint(args.checkpoints[0], args.dtype)
     canvases = fp_canvases(fp, tokenizer, examples)
     fit, test = canvases[::2], canvases[1::2]
-    block = fp.config.d_model // fp.config.n_heads
+    block = fp.config.head_dim
     print(f"{len(fit)} fitting / {len(test)} test canvases of {len(examples)} prompts; relative squared error of the "
           f"attention output, test canvases (ridge {args.ridge}):")
-    for index, (q_block, fp_block) in enumerate(zip(quantized.model.transformer.blocks, fp.model.transformer.blocks)):
+    for index, (q_block, fp_block) in enumerate(zip(family_of(quantized.config).block_list(quantized), family_of(fp.config).block_list(fp))):
         rows = {}
         for name, part in (("fit", fit), ("test", test)):
             q_rows = _capture(quantized, q_block.attn_out, part, False)
             fp_rows = _capture(fp, fp_block.attn_out, part, False)
-            if quantized.config.n_kv_heads == quantized.config.n_heads:
+            if quantized.config.num_key_value_heads == quantized.config.num_attention_heads:
                 fp_rows = _in_folded_space(fp_rows, q_rows)
             rows[name] = [_flat(q_rows), _flat(fp_rows)]
         tac = fit_tac(*rows["fit"], block, args.ridge)
@@ -187,7 +188,7 @@ def paired(args, fp, tokenizer, examples) -> None:
     sampling = default_sampling(tokenizer, examples)
     late = {}
     for checkpoint in args.checkpoints:
-        quantized, _ = load_llada(checkpoint, args.dtype)
+        quantized, _ = load_checkpoint(checkpoint, args.dtype)
         values = []
         for example in examples:
             kl = trajectory_drift(quantized, fp, tokenizer, [example.prompt], sampling, fp.config.mask_token_id)["kl"]
@@ -220,8 +221,8 @@ def main() -> None:
             parser.error(f"--layer must be a layer index or `all`, got {args.layer!r}")
         args.layer = int(args.layer)
     torch.manual_seed(0)
-    fp, tokenizer = load_llada(args.model, args.dtype)
-    n_layers = len(fp.model.transformer.blocks)
+    fp, tokenizer = load_checkpoint(args.model, args.dtype)
+    n_layers = len(family_of(fp.config).block_list(fp))
     if args.layer != "all" and not 0 <= args.layer < n_layers:
         parser.error(f"--layer {args.layer}: {args.model} has layers 0..{n_layers - 1}")
     examples = spread(load_tasks(args.model / "eval.jsonl"), args.prompts)

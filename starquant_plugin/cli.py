@@ -5,12 +5,12 @@
     starquant generate [MODEL] --prompt TEXT [--gen-length N] [--steps N] ...
     starquant quantize [MODEL] --recipe RECIPE.yaml --output DIR [--dataset FILE] [--num-samples N] [--seed N]
     starquant serve [MODEL] [--port N] [--host H] [--tensor-parallel-size N] [--max-body-bytes N]  (serve environment)
-    starquant bench [--shape shipped|llada-8b] [--layers N] [--canvas 256,512] [--batch 1,8]
+    starquant bench [--shape shipped|llada-8b|dream-7b] [--layers N] [--canvas 256,512] [--batch 1,8]
                     [--variants bf16,w8a8,...] [--json OUT] [--decoding]                 (serve environment)
 
 eval and generate take `--backend core|vllm` (vllm: the serve environment).
 
-MODEL is a LLaDA-format directory; without it the shipped model (and its evaluation set)
+MODEL is a checkpoint directory of a supported family (LLaDA, Dream); without it the shipped model (and its evaluation set)
 is used. Bad input exits with status 2 and one line naming the problem.
 """
 
@@ -78,7 +78,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    parser.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the core backend, e.g. cpu or cuda")
     parser.add_argument(
@@ -89,18 +89,22 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, gen_length_help: str) -> None:
+    from .diffusion.sampler import REMASKING
+
     group = parser.add_argument_group("diffusion decoding")
     group.add_argument("--gen-length", type=_integer, help=gen_length_help)
     group.add_argument("--steps", type=_integer, help="denoising steps in total (default: gen_length)")
     group.add_argument("--block-length", type=_integer, help="semi-autoregressive block (default: gen_length)")
     group.add_argument("--temperature", type=float, default=0.0)
-    group.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+    group.add_argument("--remasking", default="low_confidence", choices=list(REMASKING),
+                       help="which proposals a step commits (maskgit_plus = low_confidence; see docs/serving.md)")
     group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
     group.add_argument("--threshold", type=float, help="confidence threshold for parallel decoding (Fast-dLLM)")
     group.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench.shapes import SHAPES
     from .bench.runner import DEFAULT_VARIANTS, VARIANTS  # torch and transformers are loaded by the package anyway
 
     parser = argparse.ArgumentParser(prog="starquant", description="STaR-Quant for diffusion LLMs")
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(evaluate, "tokens to generate (default: the longest answer in tokens)")
 
     quantize = commands.add_parser("quantize", help="calibrate with a recipe and write a compressed checkpoint")
-    quantize.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    quantize.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
     quantize.add_argument("--recipe", type=Path, required=True, help="llm-compressor YAML recipe (see recipes/)")
     quantize.add_argument("--output", type=Path, required=True, help="checkpoint directory to create")
     quantize.add_argument("--dataset", type=Path, help='JSON lines {"prompt","answer"} or {"text"} (default: MODEL/calibration.jsonl)')
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server on a vLLM engine")
-    serve.add_argument("model", nargs="?", type=Path, help="LLaDA-format model directory (default: the shipped model)")
+    serve.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_integer, default=8000)
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: the directory name)")
@@ -137,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body accepted; larger ones are answered 413 (default 1 MiB)")
 
     bench = commands.add_parser("bench", help="time and size the bf16 baseline and quantized variants on vLLM")
-    bench.add_argument("--shape", default="shipped", choices=["shipped", "llada-8b"],
-                       help="shipped: the shipped model; llada-8b: LLaDA-8B's shapes with random weights")
-    bench.add_argument("--layers", type=_integer, help="transformer blocks of --shape llada-8b (default 2)")
+    bench.add_argument("--shape", default="shipped", choices=list(SHAPES),
+                       help="shipped: the shipped model; llada-8b / dream-7b: LLaDA-8B's / Dream-7B's shapes with "
+                            "random weights")
+    bench.add_argument("--layers", type=_integer, help="transformer blocks of --shape llada-8b / dream-7b (default 2)")
     bench.add_argument("--canvas", type=_integer_list, default=[256, 512, 1024], help="canvas lengths, e.g. 256,512")
     bench.add_argument("--batch", type=_integer_list, default=[1, 8], help="batch sizes, e.g. 1,8")
     bench.add_argument("--variants", type=_name_list, default=None,
@@ -208,11 +213,11 @@ def _load_backend(args: argparse.Namespace, model_dir: Path):
         raise UsageError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
     if args.backend == "core":
         from .evaluation import core_generate_fn
-        from .models import load_llada
+        from .loading import load as load_checkpoint
 
         if args.tensor_parallel_size != 1:
             raise UsageError("--tensor-parallel-size needs --backend vllm")
-        model, tokenizer = load_llada(model_dir, args.dtype, args.device)
+        model, tokenizer = load_checkpoint(model_dir, args.dtype, args.device)
         return core_generate_fn(model, tokenizer, model.config.mask_token_id), tokenizer
     from importlib.util import find_spec
 
@@ -231,9 +236,9 @@ def _refuse_unreadable_texts(
     """InputError naming the first `(name, text)` the model cannot read as written (a character
     outside its vocabulary, a lone surrogate; in a prompt also the mask token), before a model loads."""
     from .evaluation.runner import encode_prompt
-    from .models import load_tokenizer, read_llada_config
+    from .models import load_tokenizer, read_model_config
 
-    mask_token_id = read_llada_config(model_dir)["mask_token_id"]
+    mask_token_id = read_model_config(model_dir)["mask_token_id"]
     tokenizer = load_tokenizer(model_dir)
     for name, prompt in prompts:
         encode_prompt(tokenizer, prompt, mask_token_id, name)
@@ -315,11 +320,11 @@ def run_serve(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value <= 0 or (name == "port" and value > 65535):
             raise UsageError(f"--{name.replace('_', '-')} out of range: {value}")
-    from .models import read_llada_config
+    from .models import read_model_config
     from .serving.server import serve
 
     model_dir = _resolve_model(args)
-    read_llada_config(model_dir)
+    read_model_config(model_dir)
     serve(model_dir, args.host, args.port, args.served_model_name, args.tensor_parallel_size, args.dtype,
           args.max_batch_size, args.max_pending, args.max_body_bytes)
 

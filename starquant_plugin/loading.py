@@ -1,12 +1,12 @@
-"""`starquant_plugin.load`: a LLaDA-format checkpoint, full precision or quantized, as one model.
+"""`starquant_plugin.load`: a checkpoint of a registered family, full precision or quantized, as one model.
 
 The checkpoint is validated first (`checkpoint.validate`), then loaded by transformers
 (compressed-tensors decompression to fake-quant weights), then the STaR-Quant tensors and
 activation quantizers are attached (`checkpoint.load_quantized_into`). Whatever transformers
 reports as missing, unexpected or mismatched and validation did not account for is an error.
 `AutoModelForCausalLM.from_pretrained(dir)` / `AutoModel.from_pretrained(dir)` validate a local
-checkpoint the same way, and load a quantized one by the same path (installed on `LLaDAModelLM`
-on import).
+checkpoint the same way, and load a quantized one by the same path (installed on
+`DiffusionPreTrainedModel`, the base of every family's model class, on import).
 
 This module sits above `models/` (the transformers model) and `checkpoint/` (the format).
 """
@@ -15,12 +15,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from .checkpoint import ValidatedCheckpoint, load_quantized_into, validate_checkpoint
 from .errors import InputError
-from .models import DTYPES, LLaDAConfig, LLaDAModelLM
+from .models import DTYPES
+from .models.base import DiffusionPreTrainedModel
 
 __all__ = ["load", "load_model"]
 
@@ -28,8 +29,8 @@ __all__ = ["load", "load_model"]
 def load(
     path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a LLaDA-format checkpoint (single file or sharded; full precision, compressed-tensors
-    or STaR-Quant) and its tokenizer, in eval mode. InputError naming the file and the tensor or
+    """Load a checkpoint of a registered family (LLaDA, Dream; single file or sharded; full precision,
+    compressed-tensors or STaR-Quant) and its tokenizer, in eval mode. InputError naming the file and the tensor or
     field when the checkpoint is not what its config.json says.
 
     Args:
@@ -47,9 +48,10 @@ def load_model(
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
-    model_class: type[LLaDAModelLM] = LLaDAModelLM,
+    model_class: type[DiffusionPreTrainedModel] | None = None,
 ) -> PreTrainedModel:
-    """The model of a validated checkpoint (see `load`)."""
+    """The model of a validated checkpoint (see `load`); `model_class` defaults to its family's."""
+    model_class = model_class or checkpoint.family.model_class
     options = {"dtype": DTYPES[dtype], "use_safetensors": True, "output_loading_info": True}
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
@@ -90,8 +92,8 @@ def _check_loading_info(checkpoint: ValidatedCheckpoint, info: dict) -> None:
             f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-# `from_pretrained` arguments that do not change what is loaded from a local directory (LLaDA
-# needs no remote code), and those honoured at their default value only.
+# `from_pretrained` arguments that do not change what is loaded from a local directory (no family
+# needs remote code), and those honoured at their default value only.
 _IGNORED_ARGUMENTS = {
     "_from_auto", "_from_pipeline", "trust_remote_code", "cache_dir", "force_download", "local_files_only",
     "token", "proxies", "revision", "code_revision", "_commit_hash", "low_cpu_mem_usage",
@@ -102,8 +104,8 @@ _VOLATILE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_has
                            "_attn_implementation_internal", "_attn_implementation_autoset", "attn_implementation"}
 
 
-def _from_pretrained(model_class: type[LLaDAModelLM], path, *model_args, **kwargs):
-    """`LLaDAModelLM.from_pretrained` of a local checkpoint directory: validated (config, files,
+def _from_pretrained(model_class: type[DiffusionPreTrainedModel], path, *model_args, **kwargs):
+    """`from_pretrained` of a family's model class for a local checkpoint directory: validated (config, files,
     tensors; not the tokenizer) before transformers loads a full-precision one as usual; a quantized
     one gives the same model as `load`, or an InputError naming `starquant_plugin.load` for
     arguments it cannot honour."""
@@ -171,7 +173,7 @@ def _device(device_map, path, advice: str) -> str | torch.device:
                      f"for a quantized checkpoint; {advice}")
 
 
-def _check_same_config(config: LLaDAConfig, stored: LLaDAConfig, path, advice: str) -> None:
+def _check_same_config(config: PreTrainedConfig, stored: PreTrainedConfig, path, advice: str) -> None:
     """A config passed in (or built by an Auto class from extra keyword arguments) must be the
     directory's: the stored tensors fit that one only."""
     given, own = config.to_dict(), stored.to_dict()
@@ -182,4 +184,4 @@ def _check_same_config(config: LLaDAConfig, stored: LLaDAConfig, path, advice: s
                          f"supported for a quantized checkpoint; {advice}")
 
 
-LLaDAModelLM.checkpoint_loader = _from_pretrained
+DiffusionPreTrainedModel.checkpoint_loader = _from_pretrained

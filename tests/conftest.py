@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny LLaDA-format checkpoints written in the hub layout."""
+"""Shared fixtures: tiny LLaDA- and Dream-format checkpoints written in the hub layout."""
 
 import json
 import os
@@ -57,6 +57,48 @@ def random_hub_tensors(config: dict, seed: int = 0, dtype=torch.float32) -> dict
     return tensors
 
 
+DREAM_7B_CONFIG = ROOT / "starquant_plugin" / "bench" / "dream-7b-config.json"
+
+
+def tiny_dream_config(**overrides) -> dict:
+    """Dream-7B's public config.json (auto_map included) with small dimensions, GQA and
+    non-default special ids (pad/bos/eos share one id, as in Dream)."""
+    config = json.loads(DREAM_7B_CONFIG.read_text())
+    config.update(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=256,
+        vocab_size=50, mask_token_id=49, eos_token_id=47, pad_token_id=47, bos_token_id=47,
+        max_position_embeddings=256, rope_theta=10000.0, torch_dtype="float32",
+    )
+    config.update(overrides)
+    return config
+
+
+def random_dream_tensors(config: dict, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights under Dream's (Qwen2) hub tensor names, q/k/v biases included (written
+    independently of the model code)."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, mlp, vocab = d // h, config["intermediate_size"], config["vocab_size"]
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(dtype)
+
+    tensors = {"model.embed_tokens.weight": w(vocab, d), "model.norm.weight": 1 + w(d)}
+    if not config.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = w(vocab, d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": 1 + w(d), p + "post_attention_layernorm.weight": 1 + w(d),
+            p + "self_attn.q_proj.weight": w(h * head_dim, d), p + "self_attn.q_proj.bias": w(h * head_dim),
+            p + "self_attn.k_proj.weight": w(kv * head_dim, d), p + "self_attn.k_proj.bias": w(kv * head_dim),
+            p + "self_attn.v_proj.weight": w(kv * head_dim, d), p + "self_attn.v_proj.bias": w(kv * head_dim),
+            p + "self_attn.o_proj.weight": w(d, h * head_dim),
+            p + "mlp.gate_proj.weight": w(mlp, d), p + "mlp.up_proj.weight": w(mlp, d), p + "mlp.down_proj.weight": w(d, mlp),
+        })
+    return tensors
+
+
 TINY_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 +-="
 
 
@@ -89,6 +131,14 @@ def write_hub_checkpoint(directory: Path, config: dict, tensors: dict[str, torch
         weight_map.update({n: file for n in part})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+@pytest.fixture
+def tiny_dream_checkpoint(tmp_path) -> tuple[Path, dict, dict]:
+    """A tiny GQA Dream checkpoint in two shards (float32)."""
+    config = tiny_dream_config()
+    tensors = random_dream_tensors(config)
+    return write_hub_checkpoint(tmp_path / "tiny-dream", config, tensors, shards=2), config, tensors
 
 
 @pytest.fixture
@@ -132,9 +182,9 @@ def oneshot_tiny(tmp: Path, recipe: str, seed: int) -> tuple[Path, torch.Tensor,
 def reloaded_logits(directory: Path, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(logits, logits with activation quantization off, the int8-activation linears) of a
     checkpoint reloaded by the core as fake-quant."""
-    from starquant_plugin.models import load_llada
+    from starquant_plugin import load as load_checkpoint
 
-    model, _ = load_llada(directory)
+    model, _ = load_checkpoint(directory)
     linears = [m for m in model.modules() if getattr(m, "starquant_activation_bits", None) == 8]
     with torch.no_grad():
         logits = model(probe).logits

@@ -24,8 +24,8 @@ from pathlib import Path
 from loguru import logger
 
 from ..assets import SHIPPED_CALIBRATION_SET
-from ..models.loading import read_llada_config
-from .shapes import LLADA_8B_CONFIG, base_checkpoint
+from ..models.loading import read_model_config
+from .shapes import SHAPE_CONFIGS, base_checkpoint, build_config, full_depth
 
 __all__ = ["VARIANTS", "BenchSettings", "run_bench", "machine_info", "versions", "format_table"]
 
@@ -166,17 +166,18 @@ def versions() -> dict:
 
 
 def _full_depth(shape: str, config: dict) -> int:
-    return json.loads(LLADA_8B_CONFIG.read_text())["n_layers"] if shape == "llada-8b" else config["n_layers"]
+    return full_depth(json.loads(SHAPE_CONFIGS[shape].read_text()) if shape in SHAPE_CONFIGS else config)
 
 
 def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tuple[list[dict], int]:
     """Rows of one variant (every canvas and batch) and the worker's thread count."""
     from ..serving import DiffusionLLM, DiffusionSamplingParams
 
-    config = read_llada_config(checkpoint)
-    too_long = [c for c in settings.canvases if c > config.get("max_sequence_length", 4096)]
+    config = read_model_config(checkpoint)
+    longest = build_config(config).max_position_embeddings
+    too_long = [c for c in settings.canvases if c > longest]
     if too_long:
-        raise ValueError(f"--canvas {too_long}: longer than the model's max_sequence_length {config['max_sequence_length']}")
+        raise ValueError(f"--canvas {too_long}: longer than the model's {longest} positions (max_position_embeddings)")
     rows, threads = [], None
     dtype = "float32" if variant == "fp32" else "bfloat16"
     llm = DiffusionLLM(checkpoint, dtype=dtype, max_batch_size=max(settings.batches), max_model_len=max(settings.canvases))
@@ -190,7 +191,7 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
                 threads = timed["threads"]
                 latency = statistics.median(timed["seconds"])
                 logger.info(f"{variant} canvas {canvas} batch {batch}: {latency * 1e3:.1f} ms/step")
-                rows.append({"variant": variant, "shape": settings.shape, "layers": config["n_layers"], "canvas": canvas,
+                rows.append({"variant": variant, "shape": settings.shape, "layers": build_config(config).num_hidden_layers, "canvas": canvas,
                              "batch": batch, "step_latency_s": latency, "step_seconds": timed["seconds"],
                              "tokens_per_s": batch * (gen_length / params.steps) / latency})
         released = llm.release_weights()
@@ -198,9 +199,9 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
         llm.close()
     blocks = [v for k, v in released.items() if k.startswith("block.")]
     weight_bytes = sum(released.values())
-    full_depth = weight_bytes - sum(blocks) + statistics.mean(blocks) * _full_depth(settings.shape, config)
+    full_depth_bytes = weight_bytes - sum(blocks) + statistics.mean(blocks) * _full_depth(settings.shape, config)
     for row in rows:
-        row.update(weight_bytes=weight_bytes, weight_bytes_full_depth=int(full_depth), weight_bytes_by_part=released,
+        row.update(weight_bytes=weight_bytes, weight_bytes_full_depth=int(full_depth_bytes), weight_bytes_by_part=released,
                    checkpoint_bytes=_directory_bytes(checkpoint), checkpoint=str(checkpoint))
     return rows, threads
 

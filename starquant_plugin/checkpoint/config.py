@@ -4,11 +4,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..models.family import SITE_NAMES, family_of
 from ..quantization.tac import uniform_bucket_edges
 
 __all__ = ["FORMAT_VERSION", "SGATSettings", "TACSettings", "StarQuantConfig", "describe_validation_error"]
 
-FORMAT_VERSION = 2  # 2: tac.bucket_edges (format 1 is still read)
+FORMAT_VERSION = 3  # 2: tac.bucket_edges; 3: sgat.online_smoothing (formats 1 and 2 are still read)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -30,6 +31,24 @@ class SGATSettings(BaseModel):
     activation_bits: int = Field(ge=2, le=16)
     weight_bits: int = Field(ge=2, le=16)
     weight_group_size: int | None = None
+    # Sites (`models.family.SITE_NAMES`) whose smoothing D is stored (`sgat_smoothing`) and applied
+    # online because nothing upstream could absorb it; formats 1-2 lack it (readers then derive it
+    # from the model family's rule, `ModelFamily.online_smoothing_sites`).
+    online_smoothing: list[str] | None = None
+
+    @field_validator("online_smoothing")
+    @classmethod
+    def _known_sites(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [site for site in value or [] if site not in SITE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown SGAT site(s) {unknown}; sites are {list(SITE_NAMES)}")
+        return value
+
+    def online_sites(self, config) -> list[str]:
+        """The sites applying D online: as recorded, or (formats 1-2) by the family's rule."""
+        if self.online_smoothing is not None:
+            return list(self.online_smoothing)
+        return family_of(config).online_smoothing_sites(config)
 
 
 class TACSettings(BaseModel):

@@ -1,4 +1,4 @@
-"""Attach a checkpoint's STaR-Quant tensors to a (decompressed) LLaDA model, validating everything."""
+"""Attach a checkpoint's STaR-Quant tensors to a (decompressed) model of a registered family, validating everything."""
 
 import json
 from pathlib import Path
@@ -10,16 +10,15 @@ from torch import nn
 
 from ..errors import InputError
 from ..quantization.hadamard import rotation_block_for
-from ..quantization.mappings import sgat_sites, tac_target
-from ..quantization.runtime import SGAT_BUFFERS, TAC_BUFFERS, attach_runtime, attach_tac_bucket_edges
+from ..quantization.runtime import attach_runtime, attach_tac_bucket_edges
 from .config import StarQuantConfig, describe_validation_error
+from .schema import STARQUANT_SUFFIXES, starquant_tensor_shapes
 
 __all__ = [
-    "STARQUANT_SUFFIXES", "apply_online_transforms", "load_quantized_into", "online_transform_config",
-    "parse_starquant_config", "read_starquant_tensors", "starquant_tensor_shapes", "transform_suffixes",
+    "apply_online_transforms", "load_quantized_into", "online_transform_config", "parse_starquant_config",
+    "read_starquant_tensors", "transform_suffixes",
 ]
 
-STARQUANT_SUFFIXES = (*SGAT_BUFFERS, "sgat_smoothing", *TAC_BUFFERS)
 
 
 def parse_starquant_config(config: dict, source: Path) -> StarQuantConfig | None:
@@ -109,38 +108,6 @@ def apply_online_transforms(model: nn.Module, directory: Path, config: dict) -> 
                                  f"expected {tuple(parameters[key].shape)}")
             parameters[key].data.copy_(tensor.to(parameters[key].dtype))
     return True
-
-
-def starquant_tensor_shapes(
-    model: nn.Module, block: StarQuantConfig | None, source: Path
-) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every STaR-Quant tensor a checkpoint with `block` holds for `model` (a
-    LLaDA model, on any device, meta included); docs/checkpoint-format.md."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    if block is None:
-        return shapes
-    prefix = {module: name for name, module in model.named_modules()}
-    blocks = model.model.transformer.blocks
-    if block.sgat is not None:
-        for layer in blocks:
-            for site in sgat_sites(layer, model.config).values():
-                for linear in site.linears:
-                    name, width, out = prefix[linear], linear.in_features, linear.out_features
-                    shapes[f"{name}.sgat_shift"] = (2, width)
-                    shapes[f"{name}.sgat_clip"] = (2,)
-                    shapes[f"{name}.sgat_compensation"] = (2, out)
-                    if site.fold_into is None:  # nothing upstream absorbed D: it is applied online
-                        shapes[f"{name}.sgat_smoothing"] = (width,)
-    if block.tac is not None:
-        b, buckets = block.tac.block_size, block.tac.num_buckets
-        for layer in blocks:
-            target = tac_target(layer, model.config)
-            name, width = prefix[target], target.in_features
-            if width % b:
-                raise InputError(f"{source}: starquant_config.tac.block_size={b} does not divide {name} width {width}")
-            shapes[f"{name}.tac_matrices"] = (buckets, width // b, b, b)
-            shapes[f"{name}.tac_offsets"] = (buckets, width)
-    return shapes
 
 
 def _expect(tensors: dict, name: str, shape: tuple, source: Path) -> torch.Tensor:

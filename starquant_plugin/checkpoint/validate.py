@@ -1,4 +1,4 @@
-"""Validate a LLaDA-format checkpoint directory before any model is built.
+"""Validate a checkpoint directory of a registered model family before any model is built.
 
 Shared by the core loader (`starquant_plugin.load`) and the vLLM backend (`serving.engine`), so
 that a corrupted checkpoint is refused the same way on both, in the calling process, with one
@@ -17,19 +17,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from pydantic import ValidationError
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import InputError
-from ..models import LLaDAConfig, LLaDAModelLM
-from ..models.loading import load_tokenizer, read_llada_config
+from ..models.family import ModelFamily, family_of
+from ..models.loading import load_tokenizer, read_model_config
 from .config import StarQuantConfig, describe_validation_error
-from .loader import (
-    STARQUANT_SUFFIXES,
-    online_transform_config,
-    parse_starquant_config,
-    starquant_tensor_shapes,
-    transform_suffixes,
-)
+from .loader import online_transform_config, parse_starquant_config, transform_suffixes
+from .schema import STARQUANT_SUFFIXES, starquant_tensor_shapes
 
 __all__ = ["StoredTensor", "ValidatedCheckpoint", "read_safetensors_header", "validate_checkpoint"]
 
@@ -63,7 +58,7 @@ class ValidatedCheckpoint:
 
     Attributes:
         config: config.json as parsed.
-        model_config: the LLaDAConfig built from it.
+        model_config: the family's config built from it (`family`: its model family).
         starquant: the parsed `starquant_config` block (None for other checkpoints).
         tokenizer: the checkpoint's tokenizer (left padding, a pad id set); None where not asked for.
         tensors: stored tensor name -> header entry, over every weight file.
@@ -74,7 +69,7 @@ class ValidatedCheckpoint:
 
     directory: Path
     config: dict
-    model_config: LLaDAConfig
+    model_config: PreTrainedConfig
     starquant: StarQuantConfig | None
     tokenizer: PreTrainedTokenizerBase | None
     tensors: dict[str, StoredTensor]
@@ -96,12 +91,16 @@ class ValidatedCheckpoint:
     def quantized(self) -> bool:
         return self.config.get("quantization_config") is not None
 
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model_config)
+
 
 def validate_checkpoint(directory: str | Path, with_tokenizer: bool = True) -> ValidatedCheckpoint:
     """Check a checkpoint directory (and its tokenizer, unless `with_tokenizer` is False) without
     building a model in memory; InputError naming the file and the tensor or field otherwise."""
     directory = Path(directory)
-    config = read_llada_config(directory)
+    config = read_model_config(directory)
     config_path = directory / "config.json"
     model_config = _model_config(directory, config_path)
     _check_special_ids(model_config, config_path)
@@ -114,12 +113,13 @@ def validate_checkpoint(directory: str | Path, with_tokenizer: bool = True) -> V
     return checkpoint
 
 
-def _tokenizer(directory: Path, config: dict, model_config: LLaDAConfig) -> PreTrainedTokenizerBase:
+def _tokenizer(directory: Path, config: dict, model_config: PreTrainedConfig) -> PreTrainedTokenizerBase:
     tokenizer = load_tokenizer(directory)
-    if len(tokenizer) > model_config.embedding_size:
+    rows = meta_model(model_config).get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
         raise InputError(
-            f"{directory}: the tokenizer has {len(tokenizer)} tokens but the model's embedding_size is "
-            f"{model_config.embedding_size} (config.json): its ids would index past the embedding"
+            f"{directory}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
+            "(config.json): its ids would index past the embedding"
         )
     if tokenizer.pad_token_id is None:
         # Padding is hidden by the attention mask, so any id serves; prefer the config's.
@@ -127,14 +127,20 @@ def _tokenizer(directory: Path, config: dict, model_config: LLaDAConfig) -> PreT
     return tokenizer
 
 
-def _model_config(directory: Path, config_path: Path) -> LLaDAConfig:
+def meta_model(model_config: PreTrainedConfig) -> PreTrainedModel:
+    """The family's transformers model for `model_config`, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return family_of(model_config).model_class(model_config)
+
+
+def _model_config(directory: Path, config_path: Path) -> PreTrainedConfig:
     try:
-        return LLaDAConfig.from_pretrained(directory)
+        return family_of(json.loads(config_path.read_text())).config_class.from_pretrained(directory)
     except (ValueError, TypeError) as error:
         raise InputError(f"{config_path}: {error}".splitlines()[0]) from None
 
 
-def _check_special_ids(model_config: LLaDAConfig, config_path: Path) -> None:
+def _check_special_ids(model_config: PreTrainedConfig, config_path: Path) -> None:
     """Special ids must index the vocabulary: an out-of-range mask id never matches a token, so
     every position would read as unmasked."""
     vocab = model_config.vocab_size
@@ -238,7 +244,7 @@ def _check_inside(directory: Path, path: Path, source: Path) -> None:
     """A weight file (followed through symlinks) must lie inside the checkpoint directory, or, in a
     Hugging Face cache snapshot (`.../snapshots/REV/`), in that repository's `blobs/`."""
     if not path.is_file():
-        return  # read_llada_config has named what is missing
+        return  # read_model_config has named what is missing
     target, root = path.resolve(), directory.resolve()
     allowed = [root]
     if root.parent.name == "snapshots":
@@ -250,8 +256,7 @@ def _check_inside(directory: Path, path: Path, source: Path) -> None:
 def _expected_tensors(checkpoint: ValidatedCheckpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every tensor the checkpoint must hold; fills the checkpoint's
     `schemes`, `starquant_shapes` and `transform_tensors`."""
-    with torch.device("meta"):
-        model = LLaDAModelLM(checkpoint.model_config)
+    model = meta_model(checkpoint.model_config)
     checkpoint.starquant_shapes = starquant_tensor_shapes(model, checkpoint.starquant, checkpoint.config_path)
     if checkpoint.quantized:
         quantizer = _quantizer(checkpoint)
@@ -270,8 +275,7 @@ def _expected_tensors(checkpoint: ValidatedCheckpoint) -> dict[str, tuple[tuple[
     if online is not None:
         from compressed_tensors.transform import apply_transform_config
 
-        with torch.device("meta"):
-            rotated = LLaDAModelLM(checkpoint.model_config)
+        rotated = meta_model(checkpoint.model_config)
         with _no_progress_bars():
             apply_transform_config(rotated, online)
         suffixes = transform_suffixes(online)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+import weakref
 from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
@@ -13,21 +14,36 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError
+from ..models.family import family_of
 from .config import SGATSettings, StarQuantConfig, TACSettings
 
-__all__ = ["atomic_output_dir", "check_output_dir", "install_save_hook", "starquant_config_of", "write_starquant_config"]
+__all__ = [
+    "atomic_output_dir", "check_output_dir", "install_save_hook", "record_results", "starquant_config_of",
+    "write_starquant_config",
+]
+
+
+# What the modifiers calibrated, per model (weakly held: it goes with the model).
+_RESULTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def record_results(model: nn.Module, *, sgat: SGATSettings | None = None, tac: TACSettings | None = None) -> None:
+    """Hand a modifier's settings to the writer: `model.save_pretrained` writes them (with the
+    other modifier's) as the `starquant_config` block. Installs the save hook."""
+    results = _RESULTS.setdefault(model, {})
+    if sgat is not None:
+        results["sgat"] = sgat
+    if tac is not None:
+        results["tac"] = tac
+    install_save_hook(model)
 
 
 def starquant_config_of(model: nn.Module) -> StarQuantConfig | None:
     """The block for a model the modifiers ran on (None if neither SGAT nor TAC did)."""
-    sgat, tac = getattr(model, "_starquant_sgat", None), getattr(model, "_starquant_tac", None)
-    if sgat is None and tac is None:
+    results = _RESULTS.get(model)
+    if not results:
         return None
-    return StarQuantConfig(
-        mask_token_id=model.config.mask_token_id,
-        sgat=SGATSettings(**sgat) if sgat else None,
-        tac=TACSettings(**tac) if tac else None,
-    )
+    return StarQuantConfig(mask_token_id=family_of(model.config).mask_token_id(model.config), **results)
 
 
 def write_starquant_config(directory: str | Path, block: StarQuantConfig) -> None:
@@ -36,6 +52,9 @@ def write_starquant_config(directory: str | Path, block: StarQuantConfig) -> Non
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())
     config["starquant_config"] = block.model_dump()
+    # The hub's remote code would load the weights and silently drop the STaR-Quant tensors: a
+    # STaR-Quant checkpoint loads through this package's classes only (no `trust_remote_code`).
+    config.pop("auto_map", None)
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(config, indent=2) + "\n")
     temporary.replace(path)

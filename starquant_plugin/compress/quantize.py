@@ -1,4 +1,4 @@
-"""`starquant quantize`: calibrate a LLaDA-format model with a recipe and write a checkpoint."""
+"""`starquant quantize`: calibrate a model of a registered family with a recipe and write a checkpoint."""
 
 import json
 import random
@@ -16,7 +16,8 @@ from ..checkpoint import atomic_output_dir
 from ..checkpoint.writer import check_output_dir
 from ..checkpoint.config import describe_validation_error
 from ..data import load_calibration_records, masked_calibration_samples
-from ..models import load_llada, read_llada_config
+from ..loading import load as load_checkpoint
+from ..models import read_model_config
 from .recipe_check import check_recipe
 from .report import STAGES, QuantizeReport, stage
 
@@ -51,12 +52,12 @@ def validate_recipe(recipe: Path):
 
 
 def refuse_tied_embedding_quantization(instance, model, recipe: Path) -> None:
-    """A weight-tied LLaDA reads its LM head from the embedding matrix: quantizing the embedding
+    """A weight-tied model reads its LM head from the embedding matrix: quantizing the embedding
     (weight-only, for a lookup) would silently quantize the head too, and vLLM cannot tie a
     packed embedding to its head. Refused with the module named."""
     from compressed_tensors.utils import match_named_modules
 
-    if not model.config.weight_tying:
+    if not getattr(model.config, "tie_word_embeddings", False):
         return
     embedding = model.get_input_embeddings()
     for modifier in instance.modifiers:
@@ -66,7 +67,7 @@ def refuse_tied_embedding_quantization(instance, model, recipe: Path) -> None:
             if module is embedding:
                 raise ValueError(
                     f"{recipe}: {type(modifier).__name__} quantizes the embedding {name}, but this model ties its "
-                    "LM head to it (weight_tying: true); quantize the embedding of untied models only"
+                    "LM head to it (tied word embeddings); quantize the embedding of untied models only"
                 )
 
 
@@ -83,7 +84,7 @@ def tensor_parallel_sizes(checkpoint: Path, sizes: tuple[int, ...] = (2, 4, 8)) 
 
     validated = validate_checkpoint(checkpoint, with_tokenizer=False)
     problems = {
-        size: tensor_parallel_problem(validated, size) for size in sizes if size <= validated.model_config.n_heads
+        size: tensor_parallel_problem(validated, size) for size in sizes if size <= validated.family.heads(validated.model_config)[0]
     }
     for size, problem in problems.items():
         if problem is not None:
@@ -141,7 +142,7 @@ def quantize(
 
     started = time.perf_counter()
     check_output_dir(output, [model_dir], overwrite)  # before minutes of loading
-    config = read_llada_config(model_dir)
+    config = read_model_config(model_dir)
     if "quantization_config" in config:
         raise ValueError(f"{model_dir} is already quantized; quantize a full-precision checkpoint")
     instance = validate_recipe(recipe)
@@ -159,7 +160,7 @@ def quantize(
             random.Random(seed).shuffle(records)
             records = records[: max(1, num_samples // samples_per_record)]
         with report.stage("load model"):
-            model, tokenizer = load_llada(model_dir)
+            model, tokenizer = load_checkpoint(model_dir)
         refuse_tied_embedding_quantization(instance, model, recipe)
         recipe_check = check_recipe(instance.modifiers, model, source=str(recipe))
         with report.stage("calibration data"):
@@ -191,7 +192,7 @@ def quantize(
     tensor_parallel = tensor_parallel_sizes(output)
     size = sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors")
     original = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix == ".safetensors")
-    saved = read_llada_config(output)
+    saved = read_model_config(output)
     groups = saved.get("quantization_config", {}).get("config_groups", {})
     bits = sorted({
         f"W{g['weights']['num_bits']}A{(g.get('input_activations') or {}).get('num_bits', 16)}"

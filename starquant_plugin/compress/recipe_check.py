@@ -16,6 +16,7 @@ from torch import nn
 
 from ..checkpoint.schemes import describe_scheme, sgat_scheme_problem, unservable_reason
 from ..errors import InputError
+from ..models.family import family_of
 from ..quantization.mappings import sgat_sites
 
 __all__ = ["CoreOnlyRecipeWarning", "RecipeCheck", "RecipeRuleError", "RULES", "check_recipe", "check_session_recipe"]
@@ -74,7 +75,7 @@ def _site_schemes(model: nn.Module, quantizers) -> dict[str, dict | None]:
     names = {module: name for name, module in model.named_modules()}
     sites = [
         names[linear]
-        for block in model.model.transformer.blocks
+        for block in family_of(model.config).block_list(model)
         for site in sgat_sites(block, model.config).values()
         for linear in site.linears
     ]

@@ -1,4 +1,4 @@
-"""LLaDA masked-diffusion decoding (the reference semantics every backend follows).
+"""LLaDA and Dream masked-diffusion decoding (the reference semantics every backend follows).
 
 Canvas = left-padded prompt followed by `gen_length` mask tokens. The generation is split
 into `gen_length / block_length` blocks decoded left to right and `steps` are split evenly
@@ -14,7 +14,7 @@ must not contain the mask token (refused with `InputError`).
 The model enters only as `logits_fn(input_ids, attention_mask) -> logits`, so the core
 (transformers) and the vLLM engine run the same decoding code. A backend that can score
 part of the canvas (`logits_fn(..., window=(lo, hi))`, logits of positions lo..hi-1) may
-ask for `logits_window`: greedy low-confidence decoding then computes the LM head only
+ask for `logits_window`: greedy decoding by confidence then computes the LM head only
 from the first masked position to the end of the current block, the only positions a step
 can commit (elsewhere the sampler draws noise over the whole canvas, so it scores it all).
 """
@@ -30,6 +30,8 @@ import torch
 from ..errors import InputError
 
 __all__ = [
+    "REMASKING",
+    "Remasking",
     "DiffusionSamplingConfig",
     "DiffusionOutput",
     "TrajectoryStep",
@@ -43,6 +45,12 @@ __all__ = [
 ]
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+# Confidence rules for choosing which proposals to commit (LLaDA's and Dream's `alg` names):
+# low_confidence / maskgit_plus: the proposal's probability; topk_margin: top-1 minus top-2
+# probability; entropy: minus the entropy of the position's distribution; random: uniform.
+REMASKING = ("low_confidence", "maskgit_plus", "topk_margin", "entropy", "random")
+Remasking = Literal["low_confidence", "maskgit_plus", "topk_margin", "entropy", "random"]
 
 # What `torch.Generator.manual_seed` takes.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -62,7 +70,9 @@ class DiffusionSamplingConfig:
         block_length: tokens per semi-autoregressive block; must divide `gen_length`.
             `None` means one block (`gen_length`).
         temperature: 0 for argmax; > 0 samples with float64 Gumbel-max.
-        remasking: `low_confidence` commits the most probable proposals, `random` random ones.
+        remasking: which proposals a step commits: the most confident by `low_confidence` (LLaDA;
+            `maskgit_plus` is Dream's name for it: the proposal's probability), `topk_margin` (top-1
+            minus top-2 probability) or `entropy` (least entropy), or `random` ones.
         cfg_scale: classifier-free guidance scale (0 = off); the unconditional pass masks the prompt.
         threshold: confidence in (0, 1] for parallel decoding; the step count then adapts
             (at most `block_length` per block) and `steps` only bounds nothing.
@@ -74,7 +84,7 @@ class DiffusionSamplingConfig:
     steps: int | None = None
     block_length: int | None = None
     temperature: float = 0.0
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    remasking: Remasking = "low_confidence"
     cfg_scale: float = 0.0
     threshold: float | None = None
     seed: int = 0
@@ -102,12 +112,15 @@ class DiffusionSamplingConfig:
         # `not x >= 0` and `isfinite` also refuse NaN, which every comparison lets through.
         if not math.isfinite(self.temperature) or not self.temperature >= 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
         if not math.isfinite(self.cfg_scale) or not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if self.threshold is not None and self.remasking in ("entropy", "random"):
+            raise ValueError(f"threshold is a probability: it applies to remasking low_confidence, maskgit_plus or "
+                             f"topk_margin, not {self.remasking!r}")
         if not _is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
 
@@ -187,11 +200,17 @@ def propose_tokens(
             others = scores[proposes_mask]  # a copy of those positions only: the caller's logits stay as they are
             others[:, mask_token_id] = float("-inf")
             proposal[proposes_mask] = others.argmax(dim=-1)
-    if config.remasking == "low_confidence":
-        probs = torch.softmax(logits.to(torch.float64), dim=-1)
-        confidence = torch.gather(probs, -1, proposal[..., None]).squeeze(-1)
-    else:
+    if config.remasking == "random":
         confidence = torch.rand(proposal.shape, generator=generator, dtype=torch.float64, device=logits.device)
+        return proposal, confidence
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    if config.remasking == "topk_margin":
+        top = probs.topk(2, dim=-1).values
+        confidence = top[..., 0] - top[..., 1]
+    elif config.remasking == "entropy":
+        confidence = (probs * torch.log(probs.clamp(min=1e-300))).sum(-1)  # minus the entropy
+    else:  # low_confidence, maskgit_plus
+        confidence = torch.gather(probs, -1, proposal[..., None]).squeeze(-1)
     return proposal, confidence
 
 
@@ -207,14 +226,17 @@ def select_transfer(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 
 def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """Adapt a transformers LLaDA model to `logits_fn(input_ids, attention_mask[, window])`
-    (a window runs the LM head on its positions only: `logits_to_keep`)."""
+    """Adapt a transformers model of a registered family to `logits_fn(input_ids, attention_mask[,
+    window])`: predictions, row i for the token at position i, with the family's logits shift
+    applied (`ModelFamily.predictions`); a window runs the LM head on the positions it needs only
+    (`logits_to_keep`)."""
+    from ..models.family import family_of  # models/ imports this package
 
-    def logits_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, window=None) -> torch.Tensor:
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, window) -> torch.Tensor:
         keep = 0 if window is None else slice(*window)
         return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
 
-    return logits_fn
+    return family_of(model.config).logits_fn(forward)
 
 
 def _guided_logits(
@@ -260,7 +282,7 @@ def diffusion_generate(
             [b, hi - lo, vocab]; used where it cannot change the result (see the module docstring).
     """
     _refuse_mask_in_prompts(input_ids, attention_mask, mask_token_id)
-    windowed = logits_window and config.temperature == 0 and config.remasking == "low_confidence"
+    windowed = logits_window and config.temperature == 0 and config.remasking != "random"
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     generator = torch.Generator(device=device).manual_seed(config.seed)

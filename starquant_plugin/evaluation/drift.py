@@ -33,15 +33,16 @@ def trajectory_drift(
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     ids, attention = batch["input_ids"], batch["attention_mask"]
     prompt_length = ids.shape[1]
-    fp_final = diffusion_generate(hf_logits_fn(reference), ids, mask_token_id, sampling, attention).sequences
+    reference_fn, quantized_fn = hf_logits_fn(reference), hf_logits_fn(quantized)
+    fp_final = diffusion_generate(reference_fn, ids, mask_token_id, sampling, attention).sequences
     kl, flipped = [], []
 
     def record(step: TrajectoryStep) -> None:
         canvas_mask = torch.cat([attention, torch.ones_like(step.input_ids[:, prompt_length:])], 1)
         masked = step.input_ids == mask_token_id
         divergence = masked_position_kl(
-            reference(step.input_ids, attention_mask=canvas_mask).logits,
-            quantized(step.input_ids, attention_mask=canvas_mask).logits,
+            reference_fn(step.input_ids, canvas_mask),
+            quantized_fn(step.input_ids, canvas_mask),
             masked,
         )
         kl.append(float(divergence.mean()) if masked.any() else 0.0)
@@ -49,7 +50,7 @@ def trajectory_drift(
         differs = (step.canvas[:, prompt_length:] != fp_final[:, prompt_length:]) & committed
         flipped.append(float(differs.sum() / committed.sum().clamp(min=1)))
 
-    diffusion_generate(hf_logits_fn(quantized), ids, mask_token_id, sampling, attention, trajectory_hook=record)
+    diffusion_generate(quantized_fn, ids, mask_token_id, sampling, attention, trajectory_hook=record)
     return {"kl": kl, "flipped": flipped}
 
 

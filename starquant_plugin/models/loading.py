@@ -1,4 +1,4 @@
-"""Read a LLaDA-format checkpoint directory (hub layout): its config.json and its tokenizer.
+"""Read a checkpoint directory of a registered family (hub layout): its config.json and its tokenizer.
 
 Loading a model, full precision or quantized, lives above `models/` and `checkpoint/`:
 `starquant_plugin.load` (`starquant_plugin/loading.py`).
@@ -11,33 +11,35 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import InputError
-from .llada import LLaDAConfig
+from .family import family_of
 
-__all__ = ["DTYPES", "PICKLE_SUFFIXES", "read_llada_config", "load_tokenizer"]
+__all__ = ["DTYPES", "PICKLE_SUFFIXES", "read_model_config", "load_tokenizer"]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.save / pickle files: loading one can run arbitrary code, so they are never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_llada_config(model_dir: str | Path) -> dict:
-    """The parsed `config.json` of a LLaDA-format directory; InputError naming what is wrong."""
+def read_model_config(model_dir: str | Path) -> dict:
+    """The parsed `config.json` of a checkpoint directory of a registered family (`models/family.py`);
+    InputError naming what is wrong."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model directory not found: {model_dir}")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise InputError(f"{model_dir} is not a LLaDA-format model directory: no config.json")
+        raise InputError(f"{model_dir} is not a model directory: no config.json")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         where = f" ({error.msg} at line {error.lineno})" if isinstance(error, json.JSONDecodeError) else ""
         raise InputError(f"{config_path}: not valid JSON{where}") from None
-    if not isinstance(config, dict) or config.get("model_type") != LLaDAConfig.model_type:
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise InputError(
-            f"{config_path}: model_type is {found!r}, expected 'llada' (a LLaDA-format checkpoint)"
-        )
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: not a JSON object (found {type(config).__name__})")
+    try:
+        family_of(config)
+    except InputError as error:
+        raise InputError(f"{config_path}: {error}") from None
     has_weights = any(
         (model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
     )

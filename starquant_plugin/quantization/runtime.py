@@ -1,4 +1,4 @@
-"""Run SGAT and TAC inside a transformers LLaDA model (fake-quant), from tensors on its modules.
+"""Run SGAT and TAC inside a transformers diffusion LLM (fake-quant), from tensors on its modules.
 
 A linear that is an SGAT site output carries buffers `sgat_shift` [2, in], `sgat_clip` [2],
 `sgat_compensation` [2, out] and, where the smoothing could not be folded upstream,
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.family import family_of
 from .quantizers import fake_quantize_per_token
 from .sgat import SGATSite, sgat_transform_input
 from .tac import TACMap, apply_tac, mask_ratio_bucket, uniform_bucket_edges
@@ -152,12 +153,12 @@ def detach_runtime(model: nn.Module) -> None:
 
 
 def attach_runtime(model: nn.Module) -> int:
-    """(Re)install the hooks on a LLaDA model; returns how many linears got one (SGAT, TAC or
+    """(Re)install the hooks on a model of a registered family (`models/family.py`); returns how many linears got one (SGAT, TAC or
     plain per-token activation quantization)."""
     detach_runtime(model)
     tracker = TokenStateTracker()
     handles, count = [], 0
-    for block in model.model.transformer.blocks:
+    for block in family_of(model.config).block_list(model):
         handles.append(block.register_forward_pre_hook(tracker.capture))
         for module in block.modules():
             if not isinstance(module, nn.Linear):

@@ -1,4 +1,4 @@
-"""vLLM adapter: plugin, LLaDA model from vLLM layers, diffusion decoding engine.
+"""vLLM adapter: plugin, the families' models from vLLM layers, diffusion decoding engine.
 
 Importing this package does not import vLLM; `DiffusionLLM` does when it is built.
 """

@@ -72,7 +72,7 @@ def checkpoint_dtype(config: dict) -> str:
 
 
 class DiffusionLLM:
-    """A LLaDA-format checkpoint (plain or compressed-tensors) served by vLLM for diffusion decoding.
+    """A checkpoint of a registered family (plain or compressed-tensors) served by vLLM for diffusion decoding.
 
     Args:
         model: checkpoint directory.
@@ -100,7 +100,7 @@ class DiffusionLLM:
         config = checkpoint.config
         self.model_dir = Path(model)
         self.mask_token_id = config["mask_token_id"]
-        self.max_sequence_length = config.get("max_sequence_length", 4096)
+        self.max_sequence_length = checkpoint.model_config.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.tokenizer = checkpoint.tokenizer
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -3,10 +3,7 @@ process (API server, engine core, each worker), so it must be idempotent."""
 
 import torch
 
-__all__ = ["register", "LLADA_ARCHITECTURE", "LLADA_MODEL_CLASS"]
-
-LLADA_ARCHITECTURE = "LLaDAModelLM"
-LLADA_MODEL_CLASS = "starquant_plugin.serving.models.llada:LLaDAForDiffusionLM"
+__all__ = ["register"]
 
 
 def _init_cpu_amx() -> None:
@@ -38,15 +35,21 @@ def _keep_float32_int8_gemms_on_onednn() -> None:
 
 
 def register() -> None:
-    """Register LLaDA (config with transformers, model with vLLM), the `starquant`
+    """Register every model family (configs with transformers, models with vLLM), the `starquant`
     quantization method, and set up this process."""
-    import starquant_plugin  # noqa: F401  (registers LLaDAConfig with transformers' AutoConfig)
+    import starquant_plugin  # noqa: F401  (registers the families' configs with transformers' AutoConfig)
     from vllm import ModelRegistry
+
+    from ..models.family import family_of, known_model_types
 
     from .quantization import config  # noqa: F401  (registers the `starquant` quantization method)
 
     _init_cpu_amx()
     if torch.cpu._is_amx_tile_supported():
         _keep_float32_int8_gemms_on_onednn()
-    if LLADA_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(LLADA_ARCHITECTURE, LLADA_MODEL_CLASS)
+    supported = set(ModelRegistry.get_supported_archs())
+    for model_type in known_model_types():
+        family = family_of(model_type)
+        for architecture in family.architectures:
+            if architecture not in supported:
+                ModelRegistry.register_model(architecture, family.vllm_model_class)

@@ -7,6 +7,7 @@ first. They read a validated checkpoint (`checkpoint.validate_checkpoint`) and i
 
 from ..checkpoint import ValidatedCheckpoint
 from ..checkpoint.schemes import describe_scheme, unservable_reason
+from ..checkpoint.validate import meta_model
 from ..errors import InputError
 from ..quantization.hadamard import rotation_block_for
 
@@ -29,40 +30,44 @@ def check_servable(checkpoint: ValidatedCheckpoint, tensor_parallel_size: int, o
                          "runs them with a CUDA-only kernel and cannot serve them on CPU (use --backend core)")
     problem = tensor_parallel_problem(checkpoint, tensor_parallel_size)
     if problem is not None:
-        working = [size for size in range(1, checkpoint.model_config.n_heads + 1)
+        working = [size for size in range(1, checkpoint.family.heads(checkpoint.model_config)[0] + 1)
                    if tensor_parallel_problem(checkpoint, size) is None]
         raise InputError(f"{checkpoint.config_path}: tensor_parallel_size={tensor_parallel_size}: {problem}; "
                          f"sizes that work: {', '.join(map(str, working))}")
 
 
 def tensor_parallel_problem(checkpoint: ValidatedCheckpoint, size: int) -> str | None:
-    """Why the served LLaDA (`serving/models/llada.py`) cannot be split over `size` ranks (None: it can).
+    """Why the served model (the family's vLLM model) cannot be split over `size` ranks (None: it can).
 
-    Heads are split across ranks; `attn_out` and the blocks' `ff_out` are row-parallel, so each
-    rank quantizes and rotates a slice of their input: SGAT's rotation block, TAC's block and
-    the weight quantization group must tile that slice.
+    Heads are split across ranks; the readers of the attention output and of the MLP's
+    intermediate (sites `attention_output`, `mlp_output`) are row-parallel, so each rank quantizes
+    and rotates a slice of their input: SGAT's rotation block, TAC's block and the weight
+    quantization group must tile that slice.
     """
-    config = checkpoint.model_config
-    if config.n_heads % size:
-        return f"n_heads={config.n_heads} is not divisible by {size}"
-    if config.n_kv_heads % size and size % config.n_kv_heads:
-        return f"n_kv_heads={config.n_kv_heads} and {size} do not divide one another"
-    if config.mlp_hidden_size % size:
-        return f"mlp_hidden_size={config.mlp_hidden_size} is not divisible by {size}"
+    config, family = checkpoint.model_config, checkpoint.family
+    heads, kv_heads, _ = family.heads(config)
+    if heads % size:
+        return f"num_attention_heads={heads} is not divisible by {size}"
+    if kv_heads % size and size % kv_heads:
+        return f"num_key_value_heads={kv_heads} and {size} do not divide one another"
     block = checkpoint.starquant
-    row_parallel = {"attn_out": config.n_heads * config.head_dim, "ff_out": config.mlp_hidden_size}
-    for linear, width in row_parallel.items():
-        layer = f"model.transformer.blocks.0.{linear} (and every block's)"
+    first = meta_model(config).get_submodule(family.block_prefix(0))
+    for site in ("attention_output", "mlp_output"):
+        (linear,) = family.sgat_sites[site].linears
+        width = first.get_submodule(linear).in_features
+        layer = f"{family.block_prefix(0)}.{linear} (and every block's)"
+        if width % size:
+            return f"{layer} input width {width} is not divisible by {size}"
         part = width // size
         if block is not None and block.sgat is not None:
             rotation = rotation_block_for(width, block.sgat.rotation_block_size)
             if rotation and part % rotation:
                 return (f"{layer} input slice {part} ({width} / {size}) is not a multiple of its SGAT rotation "
                         f"block {rotation}")
-        if block is not None and block.tac is not None and linear == "attn_out" and part % block.tac.block_size:
+        if block is not None and block.tac is not None and site == family.tac_site and part % block.tac.block_size:
             return (f"{layer} input slice {part} ({width} / {size}) is not a multiple of the TAC block "
                     f"{block.tac.block_size}")
-        weights = (checkpoint.schemes.get(f"model.transformer.blocks.0.{linear}") or {}).get("weights") or {}
+        weights = (checkpoint.schemes.get(f"{family.block_prefix(0)}.{linear}") or {}).get("weights") or {}
         group = weights.get("group_size") if weights.get("strategy") == "group" else None
         if group and part % group:
             return (f"{layer} input slice {part} ({width} / {size}) is not a multiple of its weight quantization "

@@ -27,6 +27,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..diffusion import DiffusionSamplingConfig
+from ..diffusion.sampler import Remasking
 from ..errors import InputError
 from ..evaluation.runner import encode_prompt
 
@@ -56,7 +57,7 @@ class CompletionRequest(BaseModel):
     # Diffusion decoding (LLaDA's names); defaults as in `DiffusionSamplingConfig`.
     steps: int | None = Field(None, gt=0)
     block_length: int | None = Field(None, gt=0)
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    remasking: Remasking = "low_confidence"
     cfg_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
     threshold: float | None = Field(None, allow_inf_nan=False)
 

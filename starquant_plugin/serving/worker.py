@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..diffusion import DiffusionSamplingConfig, diffusion_generate
+from ..models.family import family_of
 
 __all__ = ["DiffusionWorkerExtension"]
 
@@ -36,6 +37,16 @@ def _allocated_bytes() -> int:
     return torch.cuda.memory_allocated()
 
 
+def _predictions_fn(model):
+    """The sampler's `logits_fn` for a vLLM model: predictions, with its family's logits shift."""
+    return family_of(model.config).logits_fn(lambda ids, mask, window: model.diffusion_logits(ids, mask, window))
+
+
+def _detach(model: torch.nn.Module, path: str) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, None)
+
+
 class DiffusionWorkerExtension:
     """Methods added to vLLM's worker class (`self` is the worker)."""
 
@@ -52,7 +63,7 @@ class DiffusionWorkerExtension:
         model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
         with torch.inference_mode():
             output = diffusion_generate(
-                model.diffusion_logits, ids, model.config.mask_token_id, DiffusionSamplingConfig(**sampling), mask,
+                _predictions_fn(model), ids, model.config.mask_token_id, DiffusionSamplingConfig(**sampling), mask,
                 logits_window=True,
             )
         return {"generated": output.generated.cpu().tolist(), "steps": output.steps}
@@ -75,6 +86,7 @@ class DiffusionWorkerExtension:
         if sampling.steps < warmup + steps + 1:
             raise ValueError(f"{warmup} warm-up + {steps} timed steps need a decoding of more than {sampling.steps} steps")
         stamps = []
+        predictions = _predictions_fn(model)
 
         def timed(input_ids, attention_mask, window=None):
             if device.type == "cuda":
@@ -82,7 +94,7 @@ class DiffusionWorkerExtension:
             stamps.append(time.perf_counter())
             if len(stamps) > warmup + steps:
                 raise _Timed
-            return model.diffusion_logits(input_ids, attention_mask, window)
+            return predictions(input_ids, attention_mask, window)
 
         with torch.inference_mode():
             try:
@@ -99,7 +111,8 @@ class DiffusionWorkerExtension:
         parameter sizes do not. Leaves the model unusable: the engine's last call.
         """
         model = self.model_runner.get_model()
-        transformer = model.model.transformer
+        family = family_of(model.config)
+        blocks = model.get_submodule(family.vllm_blocks)
         device = next(model.parameters()).device
         measure = _allocated_bytes if device.type == "cuda" else _resident_bytes
         released = {}
@@ -112,14 +125,15 @@ class DiffusionWorkerExtension:
             released[name] = before - after
             before = after
 
-        release("lm_head", lambda: setattr(transformer, "ff_out", None))
-        release("embedding", lambda: setattr(transformer, "wte", None))
-        for index in range(len(transformer.blocks)):
-            release(f"block.{index}", lambda: transformer.blocks.__setitem__(index, torch.nn.Identity()))
+        release("lm_head", lambda: _detach(model, family.vllm_lm_head))
+        release("embedding", lambda: _detach(model, family.vllm_embedding))
+        for index in range(len(blocks)):
+            release(f"block.{index}", lambda: blocks.__setitem__(index, torch.nn.Identity()))
         return released
 
     def starquant_logits(self, input_ids: list[list[int]], attention_mask: list[list[int]]) -> list:
-        """Logits [batch, seq, vocab] of fixed canvases, as nested float32 lists (for tests and checks)."""
+        """The model's raw logits [batch, seq, vocab] of fixed canvases (no logits shift, like the core
+        model's forward), as nested float32 lists (for tests and checks)."""
         model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
         with torch.inference_mode():
             return model.diffusion_logits(ids, mask).float().cpu().tolist()
@@ -130,7 +144,7 @@ class DiffusionWorkerExtension:
         outputs = []
         hooks = [
             block.register_forward_hook(lambda module, args, output: outputs.append(output.float().cpu()))
-            for block in model.model.transformer.blocks
+            for block in model.get_submodule(family_of(model.config).vllm_blocks)
         ]
         try:
             with torch.inference_mode():
@@ -148,10 +162,11 @@ class DiffusionWorkerExtension:
         oneDNN and leaves empty parameters behind.)
         """
         model = self.model_runner.get_model()
+        family = family_of(model.config)
         linears, codes_gemm = {}, []
         for name, module in model.named_modules():
             method = getattr(module, "quant_method", None)
-            if ".blocks." in name and method is not None:
+            if name.startswith(family.vllm_blocks + ".") and method is not None:
                 inner = getattr(method, "inner", None)
                 linears[name] = type(method).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
                 if getattr(method, "int8_codes_gemm", None) is not None or getattr(method, "int4_group", None):
@@ -162,8 +177,8 @@ class DiffusionWorkerExtension:
             "quantization": self.vllm_config.model_config.quantization,
             "linear_methods": linears,
             "codes_gemm": codes_gemm,  # layers whose SGAT codes go straight into an integer GEMM (CPU)
-            "embedding_method": type(model.model.transformer.wte.quant_method).__name__,
-            "lm_head_method": type(model.model.transformer.ff_out.quant_method).__name__,
+            "embedding_method": type(model.get_submodule(family.vllm_embedding).quant_method).__name__,
+            "lm_head_method": type(model.get_submodule(family.vllm_lm_head).quant_method).__name__,
         }
 
     def starquant_tensors(self, names: list[str]) -> dict[str, list]:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import starquant_plugin  # noqa: F401
 from starquant_plugin.checkpoint import atomic_output_dir
 from starquant_plugin.checkpoint.config import FORMAT_VERSION
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
 from tests.conftest import oneshot_tiny, reloaded_logits
 
 RECIPE = """
@@ -58,14 +58,14 @@ def test_reload_matches_in_memory_model(quantized):
 def test_tac_bucket_edges_reload_and_format_1_reads_equal_width_buckets(quantized, tmp_path):
     output = quantized[0]
     edges = json.loads((output / "config.json").read_text())["starquant_config"]["tac"]["bucket_edges"]
-    reloaded, _ = load_llada(output)
+    reloaded, _ = load_checkpoint(output)
     attn_out = reloaded.model.transformer.blocks[0].attn_out
     torch.testing.assert_close(attn_out.tac_bucket_edges, torch.tensor(edges))
     assert "tac_bucket_edges" not in attn_out.state_dict()  # config.json holds them, not the weights
     # A format 1 checkpoint (before bucket_edges) still loads, with the edges k/K it was written for.
     old = _copy(quantized, tmp_path)
     _edit_config(old, lambda c: (c["starquant_config"].update(format_version=1), c["starquant_config"]["tac"].pop("bucket_edges")))
-    old_model, _ = load_llada(old)
+    old_model, _ = load_checkpoint(old)
     torch.testing.assert_close(old_model.model.transformer.blocks[0].attn_out.tac_bucket_edges, torch.tensor([0.5]))
 
 
@@ -114,7 +114,7 @@ def test_malformed_checkpoint_is_a_clear_error(quantized, tmp_path, corrupt, mes
     directory = _copy(quantized, tmp_path)
     corrupt(directory)
     with pytest.raises(ValueError, match=message):
-        load_llada(directory)
+        load_checkpoint(directory)
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):

@@ -107,14 +107,14 @@ def test_embedding_in_int8_is_stored_packed_and_reloads_as_codes_times_scale(tin
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
-    from starquant_plugin.models import load_llada
+    from starquant_plugin import load as load_checkpoint
 
     directory, dataset, tasks = tiny_model
     output = tmp_path / "q"
     assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w4a8_head_embed_int8.yaml"),
                  "--output", str(output), "--dataset", str(dataset), "--num-samples", "16"]) == 0
     groups = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]
-    (embedding_group,) = [g for g in groups.values() if g["targets"] == ["re:^model\\.transformer\\.wte$"]]
+    (embedding_group,) = [g for g in groups.values() if g["targets"] == ["re:^model\\.(transformer\\.wte|embed_tokens)$"]]
     assert embedding_group["weights"]["num_bits"] == 8 and embedding_group["input_activations"] is None
     stored = load_file(output / "model.safetensors")
     original = load_file(directory / "model.safetensors")["model.transformer.wte.weight"]
@@ -124,7 +124,7 @@ def test_embedding_in_int8_is_stored_packed_and_reloads_as_codes_times_scale(tin
     dequantized = unpack_from_int32(packed, 8, original.shape).float() * scale.float()
     # Round to nearest: within half a step of the original weights, per row.
     assert ((dequantized - original).abs() <= scale.float() / 2 + 1e-6).all()
-    model, _ = load_llada(output)
+    model, _ = load_checkpoint(output)
     torch.testing.assert_close(model.get_input_embeddings().weight.float(), dequantized.to(model.dtype).float())
     result = tmp_path / "eval.json"
     assert main(["eval", str(output), "--tasks", str(tasks), "--json", str(result)]) == 0
@@ -139,7 +139,7 @@ def test_embedding_quantization_of_a_tied_model_is_refused(tmp_path, capsys):
     assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w4a8_head_embed_int8.yaml"),
                  "--output", str(output), "--dataset", str(dataset), "--num-samples", "8"]) == 2
     error = capsys.readouterr().err
-    assert "model.transformer.wte" in error and "weight_tying" in error
+    assert "model.transformer.wte" in error and "tied word embeddings" in error
     assert not output.exists()
 
 
@@ -149,7 +149,7 @@ def test_output_that_would_destroy_the_input_is_refused_before_loading(tiny_mode
 
     directory, dataset, _ = tiny_model
     output = {"same": directory, "inside": directory / "q", "parent": directory.parent}[where]
-    monkeypatch.setattr(module, "load_llada", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(module, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["quantize", str(directory), "--recipe", str(RECIPES / "starquant_w8a8.yaml"), "--output", str(output),
                  "--dataset", str(dataset), "--overwrite"]) == 2
     assert "the input model" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from llmcompressor.recipe import Recipe
 from transformers import AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401
+from starquant_plugin.checkpoint.writer import starquant_config_of
 from starquant_plugin.compress import SGATModifier
 from starquant_plugin.compress.tac.base import _tail_masked
 from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
@@ -71,7 +72,8 @@ def test_oneshot_sgat_is_exact_in_full_precision(tiny_setup, monkeypatch):
     assert block.q_proj.sgat_shift.shape == (2, 128) and block.ff_out.sgat_compensation.shape == (2, 128)
     assert hasattr(block.attn_out, "sgat_smoothing")  # GQA: attention-output smoothing stays on line
     assert not torch.equal(block.q_proj.sgat_shift[0], block.q_proj.sgat_shift[1])  # per-state centres
-    assert model._starquant_sgat["rotation_block_size"] == 32
+    recorded = starquant_config_of(model).sgat
+    assert recorded.rotation_block_size == 32 and recorded.online_smoothing == ["attention_output"]
     with torch.no_grad():
         torch.testing.assert_close(model(probe).logits, reference, atol=3e-4, rtol=3e-4)
 
@@ -120,7 +122,7 @@ def test_sgat_gptq_w4a8_then_tac_lowers_error_on_trajectories(tiny_setup, object
             shuffle_calibration_samples=False)
     attn_out = model.model.transformer.blocks[0].attn_out
     assert attn_out.tac_matrices.shape == (2, 4, 32, 32) and attn_out.tac_offsets.shape == (2, 128)
-    settings = dict(model._starquant_tac)
+    settings = starquant_config_of(model).tac.model_dump()
     edges = settings.pop("bucket_edges")
     assert settings == {"block_size": 32, "num_buckets": 2, "ridge": 0.01}
     torch.testing.assert_close(attn_out.tac_bucket_edges, torch.tensor(edges))

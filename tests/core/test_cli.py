@@ -43,10 +43,10 @@ def test_eval_scores_exact_match_of_stripped_continuations(tiny_checkpoint, tmp_
     """Answers set to the model's own greedy output score 1.0; a wrong answer scores 0."""
     from starquant_plugin.diffusion import DiffusionSamplingConfig
     from starquant_plugin.evaluation import generate_texts
-    from starquant_plugin.models import load_llada
+    from starquant_plugin import load as load_checkpoint
 
     directory, config, _ = tiny_checkpoint
-    model, tokenizer = load_llada(directory)
+    model, tokenizer = load_checkpoint(directory)
     prompts = ["abc", "hello", "q"]
     texts = generate_texts(model, tokenizer, prompts, DiffusionSamplingConfig(gen_length=4), config["mask_token_id"])
     path = tmp_path / "self.jsonl"
@@ -88,7 +88,7 @@ def test_model_directory_that_is_not_llada(tmp_path, tasks_file, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["eval", str(tmp_path / "llama"), "--tasks", str(tasks_file)]) == 2
-    assert "model_type is 'llama', expected 'llada'" in _error(capsys)
+    assert "model_type 'llama' is not a supported diffusion LLM family (supported: " in _error(capsys)
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "model directory not found" in _error(capsys)
 

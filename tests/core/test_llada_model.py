@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import starquant_plugin  # noqa: F401  (registers LLaDA with the Auto classes)
 from starquant_plugin import LLaDAConfig, LLaDAModelLM
-from starquant_plugin.models import read_llada_config
+from starquant_plugin.models import read_model_config
 from tests.conftest import random_hub_tensors, reference_config, tiny_config, write_hub_checkpoint
 
 
@@ -176,7 +176,7 @@ def test_save_pretrained_round_trip_keeps_hub_names(tmp_path, tiny_checkpoint):
     [
         (lambda d: (d / "config.json").unlink(), "no config.json"),
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "model_type is 'llama'"),
+        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "model_type 'llama' is not a supported diffusion LLM family"),
         (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
     ],
 )
@@ -184,7 +184,7 @@ def test_not_a_llada_directory_is_a_clear_error(tiny_checkpoint, mutate, message
     directory = tiny_checkpoint[0]
     mutate(directory)
     with pytest.raises(ValueError, match=message):
-        read_llada_config(directory)
+        read_model_config(directory)
 
 
 def test_unsupported_config_value_names_the_field():

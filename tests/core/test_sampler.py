@@ -331,3 +331,57 @@ def test_llada_logits_to_keep_runs_the_head_on_the_window_only(tiny_checkpoint):
     windowed = diffusion_generate(hf_logits_fn(model), ids[:, :6], config["mask_token_id"], settings, logits_window=True)
     plain = diffusion_generate(hf_logits_fn(model), ids[:, :6], config["mask_token_id"], settings)
     assert torch.equal(windowed.sequences, plain.sequences)
+
+
+def _confidence(probs: torch.Tensor, chosen: torch.Tensor, rule: str) -> torch.Tensor:
+    """Dream's confidence rules (its `alg`), written out independently of the sampler."""
+    if rule in ("low_confidence", "maskgit_plus"):
+        return probs.gather(-1, chosen[..., None]).squeeze(-1)
+    if rule == "topk_margin":
+        ordered = probs.sort(-1, descending=True).values
+        return ordered[..., 0] - ordered[..., 1]
+    return -torch.special.entr(probs).sum(-1)  # entropy: the less, the more confident
+
+
+@pytest.mark.parametrize("rule", ["maskgit_plus", "topk_margin", "entropy"])
+def test_confidence_rules_commit_what_dream_would(rule):
+    prompt = torch.randint(0, MASK, (2, 4), generator=torch.Generator().manual_seed(3))
+    gen_length, block_length = 8, 4
+    config = DiffusionSamplingConfig(gen_length=gen_length, steps=gen_length, block_length=block_length, remasking=rule)
+    output = diffusion_generate(content_logits, prompt, MASK, config, logits_window=False)
+    # Reference: one commit per step, the most confident masked position of the current block.
+    x = torch.full((2, 4 + gen_length), MASK, dtype=torch.long)
+    x[:, :4] = prompt
+    for block in range(gen_length // block_length):
+        start, end = 4 + block * block_length, 4 + (block + 1) * block_length
+        for _ in range(block_length):
+            logits = content_logits(x).double()
+            chosen = logits.argmax(-1)
+            confidence = _confidence(torch.softmax(logits, -1), chosen, rule)
+            confidence[:, end:] = -float("inf")
+            confidence[x != MASK] = -float("inf")
+            position = confidence.argmax(1)
+            x[torch.arange(2), position] = chosen[torch.arange(2), position]
+    assert torch.equal(output.sequences, x)
+
+
+def test_confidence_rules_differ_and_windowing_keeps_them_exact():
+    prompt = torch.randint(0, MASK, (3, 5), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for rule in ("low_confidence", "topk_margin", "entropy"):
+        config = DiffusionSamplingConfig(gen_length=12, steps=12, block_length=4, remasking=rule)
+        full = diffusion_generate(content_logits, prompt, MASK, config).sequences
+
+        def windowed(ids, mask, window=None):
+            logits = content_logits(ids, mask)
+            return logits if window is None else logits[:, window[0]:window[1]]
+
+        assert torch.equal(diffusion_generate(windowed, prompt, MASK, config, logits_window=True).sequences, full)
+        results[rule] = full
+    assert not torch.equal(results["low_confidence"], results["entropy"])  # the rules choose differently
+
+
+@pytest.mark.parametrize("rule", ["entropy", "random"])
+def test_threshold_needs_a_probability_confidence(rule):
+    with pytest.raises(ValueError, match="threshold is a probability"):
+        DiffusionSamplingConfig(gen_length=4, threshold=0.9, remasking=rule)

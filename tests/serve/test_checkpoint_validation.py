@@ -68,7 +68,7 @@ def test_tensor_parallel_slices_must_fit_the_rotation_block(starquant_w8a8_check
     assert "Engine core" not in message
     checkpoint = validate_checkpoint(starquant_w8a8_checkpoint)
     assert tensor_parallel_problem(checkpoint, 1) is None
-    assert "n_heads=4 is not divisible by 3" in tensor_parallel_problem(checkpoint, 3)
+    assert "num_attention_heads=4 is not divisible by 3" in tensor_parallel_problem(checkpoint, 3)
 
 
 def test_tensor_parallel_check_on_the_brief_shape(starquant_w8a8_checkpoint, tmp_path, no_engine):

@@ -20,7 +20,7 @@ from starquant_plugin.cli import main
 from starquant_plugin.diffusion import DiffusionSamplingConfig
 from starquant_plugin.errors import InputError
 from starquant_plugin.evaluation import core_generate_fn
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
 from starquant_plugin.serving.server import DiffusionBatcher, Overloaded, build_app
 from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
 
@@ -191,7 +191,7 @@ def test_completions_match_core_under_a_concurrent_burst(server):
     models = httpx.get(f"{base}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     prompts = ["abc", "hello world", "q", "12+34="]
-    model, tokenizer = load_llada(directory)
+    model, tokenizer = load_checkpoint(directory)
     expected = core_generate_fn(model, tokenizer, model.config.mask_token_id)(
         prompts, DiffusionSamplingConfig(gen_length=6, steps=6, block_length=3)
     )

@@ -13,7 +13,7 @@ import torch
 
 from starquant_plugin.assets import SHIPPED_EVAL_SET, SHIPPED_MODEL
 from starquant_plugin.evaluation import load_tasks
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
 from starquant_plugin.quantization.runtime import attach_runtime, sequence_mask_ratio
 from starquant_plugin.quantization.tac import mask_ratio_bucket
 from tests.conftest import quantize_with_cli, random_hub_tensors, tiny_config, write_hub_checkpoint
@@ -78,7 +78,7 @@ TOLERANCE = {"w8a8": 0.05, "w4a8": 0.02, "w4a8_head_embed_int8": 0.05, "w4a4": 0
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a8_head_embed_int8", "w4a4"])
 def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoints, bits):
     directory = shipped_checkpoints[bits]
-    model, tokenizer = load_llada(directory)
+    model, tokenizer = load_checkpoint(directory)
     input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
     real = attention_mask.bool()
     with DiffusionLLM(directory) as llm:
@@ -161,7 +161,7 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
     output = quantize_with_cli(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
                                "--num-samples", "16")
-    model, tokenizer = load_llada(output)
+    model, tokenizer = load_checkpoint(output)
     assert hasattr(model.model.transformer.blocks[0].attn_out, "sgat_smoothing")
     batch = tokenizer(["abc1=", "hello there", "q"], padding=True, return_tensors="pt")
     masks = torch.full((3, 6), model.config.mask_token_id)
@@ -192,7 +192,7 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
 def test_plain_compressed_tensors_checkpoint_keeps_the_stock_path(tmp_path):
     """No starquant_config: vLLM's own compressed-tensors method serves it, unchanged."""
     directory = quantize_with_cli(SHIPPED_MODEL, "baselines/rtn_w8a8.yaml", tmp_path / "rtn")
-    model, tokenizer = load_llada(directory)
+    model, tokenizer = load_checkpoint(directory)
     input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
     real = attention_mask.bool()
     with DiffusionLLM(directory) as llm:

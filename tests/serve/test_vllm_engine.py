@@ -16,7 +16,7 @@ import torch
 
 from starquant_plugin.diffusion import DiffusionSamplingConfig
 from starquant_plugin.evaluation import core_generate_fn, load_tasks
-from starquant_plugin.models import load_llada
+from starquant_plugin import load as load_checkpoint
 from tests.conftest import random_hub_tensors, tiny_config, write_hub_checkpoint
 
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
@@ -54,17 +54,17 @@ def canvas_batch(tokenizer, prompts, gen_length, mask_token_id):
 def test_plugin_is_an_entry_point_and_idempotent():
     from vllm import ModelRegistry
 
-    from starquant_plugin.serving.plugin import LLADA_ARCHITECTURE, register
+    from starquant_plugin.serving.plugin import register
 
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert plugins.get("starquant") == "starquant_plugin.serving.plugin:register"
     register()
     register()
-    assert LLADA_ARCHITECTURE in ModelRegistry.get_supported_archs()
+    assert {"LLaDAModelLM", "DreamModel"} <= set(ModelRegistry.get_supported_archs())
 
 
 def test_vllm_logits_match_core_on_padded_batches(gqa_checkpoint, gqa_engine):
-    model, tokenizer = load_llada(gqa_checkpoint)
+    model, tokenizer = load_checkpoint(gqa_checkpoint)
     assert gqa_engine.model_info()["class"] == "LLaDAForDiffusionLM"
     input_ids, attention_mask = canvas_batch(tokenizer, PROMPTS, 6, model.config.mask_token_id)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_vllm_logits_match_core_on_padded_batches(gqa_checkpoint, gqa_engine):
     ids=["greedy", "blocks", "random-remasking", "temperature", "threshold", "cfg"],
 )
 def test_vllm_decoding_equals_core_sampler(gqa_checkpoint, gqa_engine, options):
-    model, tokenizer = load_llada(gqa_checkpoint)
+    model, tokenizer = load_checkpoint(gqa_checkpoint)
     sampling = DiffusionSamplingParams(**options)
     expected = core_generate_fn(model, tokenizer, model.config.mask_token_id)(PROMPTS, sampling)
     completions = gqa_engine.generate(PROMPTS, sampling)
@@ -126,7 +126,7 @@ def test_shipped_model_vllm_generations_identical_to_core(tmp_path):
 
     examples = load_tasks(SHIPPED_EVAL_SET)
     prompts = [e.prompt for e in examples]
-    model, tokenizer = load_llada(SHIPPED_MODEL)
+    model, tokenizer = load_checkpoint(SHIPPED_MODEL)
     gen_length = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
     sampling = DiffusionSamplingConfig(gen_length=gen_length)
     core = core_generate_fn(model, tokenizer, model.config.mask_token_id)

@@ -9,7 +9,9 @@ from llmcompressor.modifiers import Modifier
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
-from ...checkpoint.writer import install_save_hook
+from ...checkpoint.config import SGATSettings
+from ...checkpoint.writer import record_results
+from ...models.family import family_of
 from ...quantization import build_sgat_site, fake_quantize_weight
 from ...quantization.apply import apply_sgat_site
 from ...quantization.hadamard import rotation_block_for
@@ -46,7 +48,7 @@ class SGATModifier(Modifier):
           smoothing_strength: 0.5
         GPTQModifier:
           targets: ["Linear"]
-          ignore: ["model.transformer.ff_out"]
+          ignore: ["lm_head", "model.transformer.ff_out"]
           scheme: W4A8
     ```
 
@@ -101,16 +103,13 @@ class SGATModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        if getattr(model.config, "model_type", None) != "llada":
-            raise ValueError(
-                f"SGATModifier supports LLaDA-format models; got model_type {getattr(model.config, 'model_type', None)!r}"
-            )
+        family = family_of(model.config)  # InputError for a model_type without a family
         scheme = check_session_recipe(model).sgat_scheme
         for key, value in scheme.items():  # unset fields take the scheme's value; set ones were checked
             setattr(self, key, value)
         if getattr(state, "data", None) is None or state.data.calib is None:
             raise ValueError("SGATModifier requires calibration data (masked canvases)")
-        self._blocks = list(model.model.transformer.blocks)
+        self._blocks = list(family.block_list(model))
         self._captured = {}
         self._calibrated = set()
         return True
@@ -138,13 +137,14 @@ class SGATModifier(Modifier):
         missing = [i for i in range(len(self._blocks)) if i not in self._calibrated]
         if missing:
             raise ValueError(f"SGATModifier saw no calibration data for blocks {missing}")
-        state.model._starquant_sgat = self.model_dump(
+        settings = self.model_dump(
             include={
                 "rotation_block_size", "smoothing_strength", "centre", "per_state_shift", "per_state_clip",
                 "activation_bits", "weight_bits", "weight_group_size",
             }
         )
-        install_save_hook(state.model)
+        online = family_of(state.model.config).online_smoothing_sites(state.model.config)
+        record_results(state.model, sgat=SGATSettings(**settings, online_smoothing=online))
         return True
 
     def _capture_states(self, index: int):

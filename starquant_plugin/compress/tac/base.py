@@ -10,7 +10,9 @@ from pydantic import Field, PrivateAttr, field_validator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from ...checkpoint.writer import install_save_hook
+from ...checkpoint.config import TACSettings
+from ...checkpoint.writer import record_results
+from ...models.family import family_of
 from ...data import trajectory_canvases
 from ...diffusion import hf_logits_fn
 from ...evaluation.drift import masked_position_kl
@@ -54,7 +56,7 @@ class TACModifier(Modifier):
     starquant_stage:
       starquant_modifiers:
         SGATModifier: {rotation_block_size: 128}
-        GPTQModifier: {targets: ["Linear"], ignore: ["model.transformer.ff_out"], scheme: W4A8}
+        GPTQModifier: {targets: ["Linear"], ignore: ["lm_head", "model.transformer.ff_out"], scheme: W4A8}
         TACModifier:
           num_buckets: 2
           ridge: 0.01
@@ -133,9 +135,7 @@ class TACModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         config = state.model.config
-        if getattr(config, "model_type", None) != "llada":
-            raise ValueError(f"TACModifier supports LLaDA-format models; got model_type {config.model_type!r}")
-        head_dim = config.d_model // config.n_heads
+        head_dim = family_of(config).heads(config)[2]  # InputError for a model_type without a family
         if self.block_size is not None and head_dim % self.block_size:
             raise ValueError(f"TACModifier.block_size={self.block_size} does not divide head_dim={head_dim}")
         check_session_recipe(state.model)
@@ -166,13 +166,12 @@ class TACModifier(Modifier):
         if not self.ended_:
             self.on_end(state, None)
         config = state.model.config
-        state.model._starquant_tac = {
-            "block_size": self.block_size or config.d_model // config.n_heads,
-            "num_buckets": self.num_buckets,
-            "ridge": self.ridge,
-            "bucket_edges": self._edges,
-        }
-        install_save_hook(state.model)
+        record_results(state.model, tac=TACSettings(
+            block_size=self.block_size or family_of(config).heads(config)[2],
+            num_buckets=self.num_buckets,
+            ridge=self.ridge,
+            bucket_edges=self._edges,
+        ))
         return True
 
     @torch.no_grad()
@@ -199,9 +198,9 @@ class TACModifier(Modifier):
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
         with stage("TAC reference"):
-            reference_logits = [reference(input_ids=c).logits[c == config.mask_token_id].float().cpu()
+            reference_logits = [hf_logits_fn(reference)(c, None)[c == config.mask_token_id].float().cpu()
                                 for c in held_out] if self.validate_on == "logits" else None
-        blocks = model.model.transformer.blocks
+        blocks = family_of(config).block_list(model)
         self._chosen, self._errors = [], []
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
             with stage("TAC fit"):
@@ -217,8 +216,9 @@ class TACModifier(Modifier):
     def _fit_layer(self, model, reference, index, canvases, ratios, edges):
         """(the layer's TAC target, its fitted map) for layer `index`, earlier layers corrected."""
         config = model.config
-        block_size = self.block_size or config.d_model // config.n_heads
-        blocks, reference_blocks = model.model.transformer.blocks, reference.model.transformer.blocks
+        family = family_of(config)
+        block_size = self.block_size or family.heads(config)[2]
+        blocks, reference_blocks = family.block_list(model), family.block_list(reference)
         target = tac_target(blocks[index], config)
         quantized = _capture(model, target, canvases)
         reference_target = tac_target(reference_blocks[index], config)
@@ -246,10 +246,11 @@ class TACModifier(Modifier):
         """Per mask-ratio bucket, the strength whose held-out error (see `validate_on`) is lowest;
         returns the map with each bucket shrunk by its strength."""
         config = model.config
-        blocks = model.model.transformer.blocks
+        family = family_of(config)
+        blocks = family.block_list(model)
         target = tac_target(blocks[index], config)
         if self.validate_on == "block_output":
-            wanted = _capture(reference, reference.model.transformer.blocks[index], held_out, output=True)
+            wanted = _capture(reference, family.block_list(reference)[index], held_out, output=True)
             sizes = [c.numel() for c in held_out]
         errors = {}
         for strength in dict.fromkeys(self.strengths):
@@ -257,7 +258,7 @@ class TACModifier(Modifier):
             if self.validate_on == "logits":  # KL at the masked positions of the final logits
                 parts = []
                 for canvas, fp in zip(held_out, reference_logits):
-                    got = model(input_ids=canvas).logits[canvas == config.mask_token_id].float().cpu()
+                    got = hf_logits_fn(model)(canvas, None)[canvas == config.mask_token_id].float().cpu()
                     kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
                     parts.append((kl.sum(), kl.new_tensor(kl.numel())))
             else:  # relative squared error of this block's output

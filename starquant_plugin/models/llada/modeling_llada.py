@@ -6,88 +6,30 @@ hub checkpoints load without renaming and llm-compressor targets/ignores read th
 on the hub. Attention is fully bidirectional; a 2D padding `attention_mask` hides padded keys.
 """
 
-import os
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ...diffusion.masking import token_states as token_states_from_ids
-from ...errors import InputError
+from ..base import DiffusionPreTrainedModel
+from ..layers import (
+    RMSNorm,
+    apply_rotary,
+    eager_attention_forward,
+    padding_attention_bias,
+    positions_from_attention_mask,
+    rotary_cos_sin,
+)
 from .configuration_llada import LLaDAConfig
 
 __all__ = ["LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel", "LLaDALlamaBlock", "LLaDARMSNorm"]
 
-
-class LLaDARMSNorm(nn.Module):
-    """RMSNorm computed in float32, then scaled by `weight` in the input dtype (as in LLaDA)."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(input_dtype)
-        return self.weight * hidden_states
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [batch, seq, head_dim] in float32 (LLaDA's `rope_full_precision`)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [batch, heads, seq, head_dim] in float32 and return it in its own dtype."""
-    x32 = x.to(torch.float32)
-    cos, sin = cos[:, None], sin[:, None]
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * n_rep, seq, dim] for GQA."""
-    if n_rep == 1:
-        return hidden_states
-    batch, kv_heads, seq, dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, dim)
-    return hidden_states.reshape(batch, kv_heads * n_rep, seq, dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return output, weights
+# The hub name of LLaDA's norm (the maths is the shared RMSNorm).
+LLaDARMSNorm = RMSNorm
 
 
 class LLaDALlamaBlock(nn.Module):
@@ -152,7 +94,7 @@ class LLaDALlamaBlock(nn.Module):
         return hidden_states + self.ff_out(mlp)
 
 
-class LLaDAPreTrainedModel(PreTrainedModel):
+class LLaDAPreTrainedModel(DiffusionPreTrainedModel):
     config_class = LLaDAConfig
     config: LLaDAConfig
     base_model_prefix = "model"
@@ -160,17 +102,6 @@ class LLaDAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = True
-
-
-def padding_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """2D padding mask [batch, seq] (1 = token) -> additive bias [batch, 1, 1, seq] hiding pad keys."""
-    keep = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - keep) * torch.finfo(dtype).min
-
-
-def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counting only real tokens, so a left-padded row sees the same positions unpadded."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class LLaDAModel(nn.Module):
@@ -209,7 +140,8 @@ class LLaDAModel(nn.Module):
         if self.config.input_emb_norm:
             hidden_states = hidden_states * self.config.d_model**0.5
         batch, seq = hidden_states.shape[:2]
-
+        # Written out here, not in a shared helper: llm-compressor's sequential pipeline traces this
+        # forward and must see the loop over the blocks in it.
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_attention_mask(attention_mask)
@@ -240,11 +172,6 @@ class LLaDAModel(nn.Module):
         return logits, tuple(all_hidden_states) if all_hidden_states is not None else None
 
 
-def _is_local_checkpoint(path) -> bool:
-    """A local directory with a config.json (hub ids and config objects go to transformers as they are)."""
-    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(os.fspath(path), "config.json"))
-
-
 class LLaDAModelLM(LLaDAPreTrainedModel):
     """LLaDA with its LM head: `forward(input_ids)` returns logits for every position.
 
@@ -255,38 +182,10 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     # A weight-tied LLaDA has no `ff_out` module at all (the logits read `wte.weight`), so there
     # is nothing for transformers to tie.
     _tied_weights_keys = {}
-    # Installed by `starquant_plugin.loading`, the layer above models/ and checkpoint/:
-    # `loader(cls, path, *model_args, **kwargs)` validates a local checkpoint directory and loads a
-    # quantized one with its STaR-Quant tensors and activation quantizers (transformers drops them).
-    checkpoint_loader: ClassVar[Callable | None] = None
-
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`, through `checkpoint_loader` for a local checkpoint
-        directory: validated first, and a quantized one loaded as `starquant_plugin.load` does, so
-        that `AutoModelForCausalLM.from_pretrained(dir)` gives the same model."""
-        loader = LLaDAModelLM.checkpoint_loader
-        if loader is not None and _is_local_checkpoint(pretrained_model_name_or_path):
-            return loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if getattr(model.config, "starquant_config", None) is not None:
-            # Not a local directory (e.g. a hub id): transformers dropped its STaR-Quant tensors.
-            raise InputError(
-                f"{pretrained_model_name_or_path}: a STaR-Quant checkpoint loads only from a local directory: "
-                "download it, then use starquant_plugin.load(directory)"
-            )
-        return loaded
-
-    @classmethod
-    def from_pretrained_unrouted(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' own `from_pretrained` (what `checkpoint_loader` calls inside)."""
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer.wte

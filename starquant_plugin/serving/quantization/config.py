@@ -1,16 +1,17 @@
 """The `starquant` quantization method for vLLM: compressed-tensors plus SGAT and TAC.
 
-`StarQuantConfig` subclasses vLLM's `CompressedTensorsConfig`, so the checkpoint's
+`StarQuantCompressedTensorsConfig` subclasses vLLM's `CompressedTensorsConfig`, so the checkpoint's
 `quantization_config` is parsed, and each layer's scheme and integer kernel chosen, exactly
 as for a plain compressed-tensors checkpoint. It claims a checkpoint automatically when the
 model config carries a `starquant_config` block (`override_quantization_method`); plain
 compressed-tensors checkpoints keep vLLM's stock path.
 
-For every linear of a LLaDA block it wraps the layer's compressed-tensors method in
+For every SGAT-site linear of a block (the model family says which: `ModelFamily.vllm_site`) it
+wraps the layer's compressed-tensors method in
 `StarQuantLinearMethod`, which adds the STaR-Quant tensors of the checkpoint
 (`docs/checkpoint-format.md`) and computes, per token state s:
 
-    x  <- blockdiag(A_k) x + c_k                       (attn_out only, TAC; k = mask-ratio bucket)
+    x  <- blockdiag(A_k) x + c_k                       (attention output only, TAC; k = mask-ratio bucket)
     x  <- x * D_online                                 (only where D could not be folded)
     codes, scales <- sgat_quantize(x, s)               (shift, block-Hadamard, clipped per-token int)
     y  <- kernel(codes * scales) + compensation[s]     (the scheme's own integer kernel)
@@ -31,7 +32,6 @@ row-parallel layers add it on rank 0 only (it is then all-reduced once, like a b
 quantize each rank's input slice per token, as vLLM's kernels do.
 """
 
-import re
 import weakref
 from typing import Any
 
@@ -54,16 +54,24 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...checkpoint.config import StarQuantConfig as StarQuantBlock
+from ...models.family import family_of
 from ...quantization.hadamard import rotation_block_for
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
 from .context import current_token_context
 
-__all__ = ["STARQUANT_METHOD", "StarQuantConfig", "StarQuantLinearMethod", "WNA16EmbeddingMethod"]
+__all__ = ["STARQUANT_METHOD", "StarQuantCompressedTensorsConfig", "StarQuantLinearMethod", "WNA16EmbeddingMethod"]
 
 STARQUANT_METHOD = "starquant"
-# Linears of a LLaDA block in the vLLM model (q/k/v and gate/up fused).
-_BLOCK_LINEAR = re.compile(r"\.blocks\.\d+\.(qkv_proj|attn_out|gate_up_proj|ff_out)$")
+
+
+def _site(prefix: str | None) -> str | None:
+    """The SGAT site of a vLLM layer of the model being built (None: not a block's site linear)."""
+    if not prefix:
+        return None
+    from vllm.config import get_current_vllm_config
+
+    return family_of(get_current_vllm_config().model_config.hf_config).vllm_site(prefix)
 
 
 def _starquant_block(hf_config) -> StarQuantBlock | None:
@@ -74,7 +82,7 @@ def _starquant_block(hf_config) -> StarQuantBlock | None:
 
 
 @register_quantization_config(STARQUANT_METHOD)
-class StarQuantConfig(CompressedTensorsConfig):
+class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
     """compressed-tensors + STaR-Quant (SGAT, TAC); see the module docstring."""
 
     def get_name(self) -> str:
@@ -100,7 +108,8 @@ class StarQuantConfig(CompressedTensorsConfig):
         method = super().get_quant_method(layer, prefix)
         if type(method) is CompressedTensorsEmbeddingWNA16Int:  # adds the CPU lookup
             return WNA16EmbeddingMethod(self.get_scheme_dict(layer, layer_name=prefix)["weights"])
-        if not _BLOCK_LINEAR.search(prefix) or not isinstance(method, LinearMethodBase):
+        site = _site(prefix)
+        if site is None or not isinstance(method, LinearMethodBase):
             return method
         from vllm.config import get_current_vllm_config
 
@@ -110,7 +119,6 @@ class StarQuantConfig(CompressedTensorsConfig):
         block = self._starquant
         if block is None:
             return method
-        name = _BLOCK_LINEAR.search(prefix).group(1)
         scheme = self.get_scheme_dict(layer, layer_name=prefix)
         activations = scheme.get("input_activations") if scheme else None
         if activations is not None and not (activations.dynamic and str(getattr(activations.strategy, "value", activations.strategy)) == "token"):
@@ -122,15 +130,15 @@ class StarQuantConfig(CompressedTensorsConfig):
             method,
             block,
             activation_bits=activations.num_bits if activations is not None else None,
-            tac=block.tac is not None and name == "attn_out",
-            # D is folded upstream except at the attention output under GQA (core mappings).
-            online_smoothing=name == "attn_out" and config.n_kv_heads != config.n_heads,
+            tac=block.tac is not None and site == family_of(config).tac_site,
+            # Where D could not be folded upstream, as the checkpoint records it.
+            online_smoothing=block.sgat is not None and site in block.sgat.online_sites(config),
         )
 
 
 def _is_int4_activation_sgat_site(weight_quant, input_quant, layer_name: str | None) -> bool:
     """int4 weights and dynamic per-token int4 activations on a linear of a block whose checkpoint has SGAT."""
-    if weight_quant is None or input_quant is None or not layer_name or not _BLOCK_LINEAR.search(layer_name):
+    if weight_quant is None or input_quant is None or _site(layer_name) is None:
         return False
     from vllm.config import get_current_vllm_config
 

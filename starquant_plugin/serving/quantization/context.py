@@ -1,7 +1,7 @@
 """Token states of the canvas being scored, for the STaR-Quant linear method.
 
 vLLM calls a linear method as `apply(layer, x, bias)`: nothing says which tokens are masked.
-The LLaDA model derives the states from the input ids once per forward and publishes them
+The model (`serving/models/base.py`) derives the states from the input ids once per forward and publishes them
 here for the duration of that forward (flattened to match the linears' [tokens, in] inputs).
 """
 
@@ -43,5 +43,5 @@ def token_context(token_states: torch.Tensor, real: torch.Tensor | None = None):
 
 def current_token_context() -> TokenContext:
     if not _CURRENT:
-        raise RuntimeError("STaR-Quant layers need token states: run the model through LLaDAForDiffusionLM")
+        raise RuntimeError("STaR-Quant layers need token states: run the model through its DiffusionForLM forward")
     return _CURRENT[-1]
