@@ -96,3 +96,20 @@ def test_starquant_w8a8_dream_matches_the_core_fake_quant_at_tp_1_and_2(dream_ch
     # TP 2 is not bitwise TP 1; both stay within the same tolerance of the core.
     tp2_error = _relative_error(split, expected)
     assert tp2_error < 0.05, f"TP 2 vs core fake-quant: mean relative logit error {tp2_error:.4f}"
+
+
+def test_shipped_dream_w4a4_scores_on_vllm_as_in_the_core(tmp_path):
+    """STaR-Quant W4A4 (the paper's setting) on the trained Dream-format model: exact match on vLLM
+    (SGAT's 4-bit codes on the packed int4 GEMM) within one point of the core's fake-quant."""
+    from starquant_plugin.assets import SHIPPED_DREAM_MODEL
+    from starquant_plugin.cli import main
+
+    checkpoint = quantize_with_cli(SHIPPED_DREAM_MODEL, "starquant_w4a4.yaml", tmp_path / "w4a4")
+    scores = {}
+    for backend in ("core", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["eval", str(checkpoint), "--backend", backend, "--batch-size", "100", "--limit", "100",
+                     "--json", str(out)]) == 0
+        scores[backend] = json.loads(out.read_text())["exact_match"]
+    assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
+    assert scores["core"] >= 0.9, scores
