@@ -147,6 +147,13 @@ def evaluate(model, tokenizer, examples: list[dict], mask_token_id: int) -> floa
     return correct / len(examples)
 
 
+def _repository_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (the record is machine-independent)."""
+    root = Path(__file__).resolve().parents[1]
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
+
+
 def argv_is_default(args, parser) -> bool:
     """True for the shipped model's settings (its TRAINING.json keeps its original fields)."""
     return all(getattr(args, k) == parser.get_default(k) for k in vars(args) if k != "output")
@@ -275,7 +282,7 @@ def main() -> None:
     (staging / "TRAINING.json").write_text(
         json.dumps({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                     "threads": args.threads, "train_seconds": round(time.time() - started, 1),
-                    **({} if argv_is_default(args, parser) else {"arguments": vars(args) | {"output": str(args.output)}})},
+                    **({} if argv_is_default(args, parser) else {"arguments": vars(args) | {"output": _repository_path(args.output)}})},
                    indent=1) + "\n"
     )
     shutil.rmtree(output, ignore_errors=True)

@@ -104,7 +104,8 @@ class ModelFamily:
 
     def online_smoothing_sites(self, config) -> list[str]:
         """Sites whose smoothing cannot be folded upstream and is applied online, for `config`."""
-        grouped = self.heads(config)[1] != self.heads(config)[0]
+        heads, kv_heads, _ = self.heads(config)
+        grouped = kv_heads != heads
         return [
             name for name, spec in self.sgat_sites.items()
             if spec.fold_into is None or (spec.fold_through_attention and grouped)

@@ -198,7 +198,8 @@ class TACModifier(Modifier):
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
         with stage("TAC reference"):
-            reference_logits = [hf_logits_fn(reference)(c, None)[c == config.mask_token_id].float().cpu()
+            reference_fn = hf_logits_fn(reference)
+            reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu()
                                 for c in held_out] if self.validate_on == "logits" else None
         blocks = family_of(config).block_list(model)
         self._chosen, self._errors = [], []
@@ -253,12 +254,13 @@ class TACModifier(Modifier):
             wanted = _capture(reference, family.block_list(reference)[index], held_out, output=True)
             sizes = [c.numel() for c in held_out]
         errors = {}
+        predictions = hf_logits_fn(model)
         for strength in dict.fromkeys(self.strengths):
             _attach(model, target, shrink_tac(tac, strength), edges)
             if self.validate_on == "logits":  # KL at the masked positions of the final logits
                 parts = []
                 for canvas, fp in zip(held_out, reference_logits):
-                    got = hf_logits_fn(model)(canvas, None)[canvas == config.mask_token_id].float().cpu()
+                    got = predictions(canvas, None)[canvas == config.mask_token_id].float().cpu()
                     kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
                     parts.append((kl.sum(), kl.new_tensor(kl.numel())))
             else:  # relative squared error of this block's output
