@@ -1,8 +1,12 @@
 """Shared fixtures: tiny LLaDA- and Dream-format checkpoints written in the hub layout."""
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
+import sys
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -249,3 +253,38 @@ def starquant_w8a8_checkpoint(tmp_path_factory) -> Path:
     dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
     return quantize_with_cli(directory, "starquant_w8a8.yaml", tmp / "w8a8", "--dataset", str(dataset),
                              "--num-samples", "16")
+
+
+@contextlib.contextmanager
+def serve_subprocess(directory: Path, *arguments: str, timeout: float = 240):
+    """`starquant serve DIRECTORY --port P [arguments]` in a subprocess on loopback; yields the base
+    URL once `/health` answers, and stops the server on exit."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "starquant_plugin.cli", "serve", str(directory), "--port",
+                                str(port), *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"server did not become healthy in {timeout:.0f} s")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -113,3 +113,33 @@ def test_shipped_dream_w4a4_scores_on_vllm_as_in_the_core(tmp_path):
         scores[backend] = json.loads(out.read_text())["exact_match"]
     assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
     assert scores["core"] >= 0.9, scores
+
+
+def test_shipped_dream_w4a8_through_starquant_serve(tmp_path):
+    """A STaR-Quant W4A8 Dream checkpoint behind `starquant serve`: the completions of held-out
+    prompts (one request of a list, then one of a single prompt) are the core fake-quant's decodes,
+    and score as the core does."""
+    import httpx
+
+    from starquant_plugin.assets import SHIPPED_DREAM_MODEL
+    from starquant_plugin.evaluation import exact_match, load_tasks
+    from starquant_plugin.evaluation.runner import default_sampling
+    from tests.conftest import serve_subprocess
+
+    checkpoint = quantize_with_cli(SHIPPED_DREAM_MODEL, "starquant_w4a8.yaml", tmp_path / "w4a8")
+    examples = load_tasks(SHIPPED_DREAM_MODEL / "eval.jsonl")[:24]
+    prompts = [e.prompt for e in examples]
+    model, tokenizer = load_checkpoint(checkpoint)
+    sampling = default_sampling(tokenizer, examples)
+    core = core_generate_fn(model, tokenizer, model.config.mask_token_id)(prompts, sampling)
+    request = {"model": "dream", "max_tokens": sampling.gen_length}
+    with serve_subprocess(checkpoint, "--served-model-name", "dream", "--max-pending", "32") as base:
+        listed = httpx.post(f"{base}/v1/completions", json={**request, "prompt": prompts}, timeout=300)
+        assert listed.status_code == 200, listed.text
+        single = httpx.post(f"{base}/v1/completions", json={**request, "prompt": prompts[0]}, timeout=300)
+    served = [c["text"] for c in listed.json()["choices"]]
+    same = sum(s == c for s, c in zip(served, core))
+    assert same >= len(prompts) - 1, list(zip(served, core))  # int4 GEMM vs fake-quant: at most one flip
+    assert single.json()["choices"][0]["text"] == served[0]
+    score = sum(exact_match(s, e.answer) for s, e in zip(served, examples)) / len(examples)
+    assert score >= 0.9, score

@@ -6,10 +6,6 @@ else talks HTTP to one real `starquant serve` subprocess.
 """
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +18,7 @@ from starquant_plugin.errors import InputError
 from starquant_plugin.evaluation import core_generate_fn
 from starquant_plugin import load as load_checkpoint
 from starquant_plugin.serving.server import DiffusionBatcher, Overloaded, build_app
-from tests.conftest import random_hub_tensors, tiny_config, tiny_tokenizer, write_hub_checkpoint
+from tests.conftest import random_hub_tensors, serve_subprocess, tiny_config, tiny_tokenizer, write_hub_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
@@ -140,12 +136,6 @@ def test_serve_refuses_a_body_limit_that_is_not_positive(capsys):
     assert "--max-body-bytes out of range: 0" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MAX_BODY_BYTES = 256 * 1024  # room for the 100k-deep JSON below (200 kB)
 
 
@@ -153,32 +143,9 @@ MAX_BODY_BYTES = 256 * 1024  # room for the 100k-deep JSON below (200 kB)
 def server(tmp_path_factory):
     config = tiny_config(n_kv_heads=2)
     directory = write_hub_checkpoint(tmp_path_factory.mktemp("server") / "tiny", config, random_hub_tensors(config, seed=7))
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "starquant_plugin.cli", "serve", str(directory), "--port", str(port),
-         "--served-model-name", "tiny", "--max-pending", "4", "--max-body-bytes", str(MAX_BODY_BYTES)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {process.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("server did not become healthy in 240 s")
-    yield base, directory
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serve_subprocess(directory, "--served-model-name", "tiny", "--max-pending", "4",
+                          "--max-body-bytes", str(MAX_BODY_BYTES)) as base:
+        yield base, directory
 
 
 def _complete(base, **body):
