@@ -211,3 +211,42 @@ def test_registration_is_lazy_and_works_in_either_import_order():
         lazy, names = done.stdout.strip().splitlines()[-1].split(" ", 1)
         assert names == "['SGATModifier', 'TACModifier']"
         assert lazy == ("True" if first == "llmcompressor" else "False")
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_tac_cached_batched_validation_chooses_as_the_whole_model_forward(tmp_path, family):
+    """`validation_cache` (layers i..L on each canvas's cached hidden state, equal-length canvases
+    batched) measures the same held-out KL as running the whole model on one canvas at a time, so
+    it keeps the same strengths; Dream checks the family's logits shift on that path too."""
+    from tests.conftest import random_dream_tensors, tiny_dream_config
+
+    if family == "dream":
+        config = tiny_dream_config(hidden_size=128, intermediate_size=256)
+        directory = write_hub_checkpoint(tmp_path / "tiny", config, random_dream_tensors(config, seed=4), shards=2)
+        layers = config["num_hidden_layers"]
+    else:
+        config = tiny_config(d_model=128, mlp_hidden_size=256, n_kv_heads=2, n_layers=3)
+        directory = write_hub_checkpoint(tmp_path / "tiny", config, random_hub_tensors(config, seed=4))
+        layers = config["n_layers"]
+    tokenizer = tiny_tokenizer(config)
+    records = [CalibrationRecord(f"abc{i}=", f"answer number {i}"[: 8 + i % 5]) for i in range(8)]
+    dataset = Dataset.from_list(masked_calibration_samples(tokenizer, records, config["mask_token_id"], 2))
+    runs = {}
+    for cache in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        recipe = Recipe.create_instance(
+            TAC_AFTER_W4A8.replace('ignore: ["model.transformer.ff_out"]', 'ignore: ["lm_head", "model.transformer.ff_out"]')
+            + f"      num_buckets: 2\n      strengths: [1.0, 0.75, 0.5, 0.25, 0.0]\n      validation_cache: {str(cache).lower()}\n")
+        oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
+                shuffle_calibration_samples=False)
+        (tac,) = [m for m in recipe.modifiers if type(m).__name__ == "TACModifier"]
+        runs[cache] = tac
+    cached, full = runs[True], runs[False]
+    assert len(cached.chosen_errors) == layers
+    assert len({len(r) for r in cached._validation_rows}) > 1  # canvases of several lengths: several batches
+    assert cached.chosen_strengths == full.chosen_strengths
+    for got, expected in zip(cached.chosen_errors, full.chosen_errors):
+        for strength in expected:
+            torch.testing.assert_close(torch.tensor(got[strength]), torch.tensor(expected[strength]), rtol=1e-3, atol=1e-7)
+    # The strengths differ in error at every layer: a path that ignored the layer's map would not.
+    assert all(len({round(e[0], 9) for e in errors.values()}) > 1 for errors in full.chosen_errors)

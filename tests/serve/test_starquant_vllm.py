@@ -153,14 +153,18 @@ def test_second_model_serves_as_it_scores_in_the_core(tmp_path):
     assert scores["core"] > 0.95 and abs(scores["vllm"] - scores["core"]) <= 0.02, scores
 
 
-def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
-    """GQA puts SGAT's smoothing online at the attention output; TP=2 splits every STaR-Quant tensor."""
-    config = tiny_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=512)
-    directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=11))
+def _random_gqa_checkpoint(tmp_path, recipe: str, seed: int, **dimensions) -> Path:
+    """A random LLaDA-format GQA model (4 heads over 2 KV heads) quantized with `recipe` by the CLI."""
+    config = tiny_config(n_heads=4, n_kv_heads=2, **dimensions)
+    directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=seed))
     dataset = tmp_path / "calibration.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
-    output = quantize_with_cli(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
-                               "--num-samples", "16")
+    return quantize_with_cli(directory, recipe, tmp_path / "gqa-quantized", "--dataset", str(dataset), "--num-samples", "16")
+
+
+def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
+    """GQA puts SGAT's smoothing online at the attention output; TP=2 splits every STaR-Quant tensor."""
+    output = _random_gqa_checkpoint(tmp_path, "starquant_w4a8.yaml", seed=11, d_model=256, mlp_hidden_size=512)
     model, tokenizer = load_checkpoint(output)
     assert hasattr(model.model.transformer.blocks[0].attn_out, "sgat_smoothing")
     batch = tokenizer(["abc1=", "hello there", "q"], padding=True, return_tensors="pt")
@@ -187,6 +191,28 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     assert relative_error(logits[1], without_smoothing) > 2 * error
     # TP=2 quantizes each rank's half of a row-parallel input per token: close, not identical.
     assert relative_error(logits[2], logits[1]) < 0.05
+
+
+def test_w4a4_starquant_checkpoint_with_tensor_parallelism(tmp_path):
+    """W4A4 at TP 2: each rank's slice of a row-parallel input (256 of d_model 512, 512 of the MLP's
+    1024) holds whole 256-wide rotation blocks, so SGAT's 4-bit codes are formed per rank; TP 2
+    agrees with TP 1 and both with the core's fake-quant."""
+    output = _random_gqa_checkpoint(tmp_path, "starquant_w4a4.yaml", seed=13, d_model=512, mlp_hidden_size=1024)
+    model, tokenizer = load_checkpoint(output)
+    input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
+    logits = {}
+    for tp in (1, 2):
+        with DiffusionLLM(output, tensor_parallel_size=tp) as llm:
+            info = llm.model_info()
+            logits[tp] = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
+        if not torch.cuda.is_available():  # SGAT's codes into the packed int4 GEMM on every site
+            assert len(info["codes_gemm"]) == 4 * model.config.n_layers, (tp, info["codes_gemm"])
+    errors = {tp: relative_error(got, expected) for tp, got in logits.items()}
+    assert max(errors.values()) < TOLERANCE["w4a4"], errors
+    assert relative_error(logits[2], logits[1]) < TOLERANCE["w4a4"], errors
 
 
 def test_plain_compressed_tensors_checkpoint_keeps_the_stock_path(tmp_path):

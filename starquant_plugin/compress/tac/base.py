@@ -1,5 +1,7 @@
 """TACModifier: Temporal Attention Compensation for llm-compressor."""
 
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -98,6 +100,11 @@ class TACModifier(Modifier):
         block output (cheaper: the forward stops at the layer; greedy in depth)
     :param validation_canvases: held-out canvases used (evenly subsampled; bounds the memory of
         the stored full-precision logits, canvases x masked positions x vocabulary)
+    :param validation_cache: with `validate_on: logits`, keep each held-out canvas's hidden state
+        entering the layer being fitted (the earlier layers are final by then), so validating layer
+        i runs layers i..L only, on batches of equal-length canvases (default). `false`: run the
+        whole model on one canvas at a time (the reference computation; no cached states, which
+        hold held-out canvases x tokens x hidden size)
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
     :param reference_model: full-precision checkpoint directory (default: the model's own
         `name_or_path`, which llm-compressor requires to be set)
@@ -114,6 +121,7 @@ class TACModifier(Modifier):
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0], min_length=1)
     validate_on: Literal["logits", "block_output"] = "logits"
     validation_canvases: int = Field(default=256, gt=0)
+    validation_cache: bool = True
     reference_model: str | None = None
 
     bucketing: Literal["quantile", "uniform"] = "quantile"
@@ -197,19 +205,35 @@ class TACModifier(Modifier):
         held_out = [held_out[i] for i in _spread(range(len(held_out)), self.validation_canvases)]
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
+        by_logits = self.validate_on == "logits"
+        groups = _equal_length_groups(held_out, config.vocab_size) if self.validation_cache and by_logits else None
         with stage("TAC reference"):
             reference_fn = hf_logits_fn(reference)
-            reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu()
-                                for c in held_out] if self.validate_on == "logits" else None
+            if not by_logits:
+                reference_logits = None
+            elif groups is not None:  # [masked positions of the group, vocab] per group
+                reference_logits = [reference_fn(g.canvases, None)[g.canvases == config.mask_token_id].float().cpu()
+                                    for g in groups]
+            else:
+                reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu() for c in held_out]
         blocks = family_of(config).block_list(model)
+        if groups is not None:
+            with stage("TAC validation"):
+                for group in groups:
+                    group.hidden = _block_input(model, 0, group)
         self._chosen, self._errors = [], []
         for index in tqdm(range(len(blocks)), desc="TAC layers"):
             with stage("TAC fit"):
                 target, tac = self._fit_layer(model, reference, index, canvases, ratios, edges)
             if held_out:
                 with stage("TAC validation"):
-                    tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits)
+                    tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits,
+                                         groups)
             _attach(model, target, tac, edges)
+            if groups is not None and index + 1 < len(blocks):
+                with stage("TAC validation"):  # the layer is final: advance the cached states past it
+                    for group in groups:
+                        group.hidden = _block_input(model, index + 1, group)
         if self._chosen:
             logger.info(f"TAC: strengths kept per layer (per bucket) {self._chosen}")
         del reference
@@ -243,9 +267,10 @@ class TACModifier(Modifier):
                                     self.num_buckets, self.iterations)
         return target, tac
 
-    def _validate(self, model, reference, index, tac, edges, held_out, held_buckets, reference_logits):
+    def _validate(self, model, reference, index, tac, edges, held_out, held_buckets, reference_logits, groups=None):
         """Per mask-ratio bucket, the strength whose held-out error (see `validate_on`) is lowest;
-        returns the map with each bucket shrunk by its strength."""
+        returns the map with each bucket shrunk by its strength. `groups`: the held-out canvases in
+        equal-length batches with their hidden states entering layer `index` (`validation_cache`)."""
         config = model.config
         family = family_of(config)
         blocks = family.block_list(model)
@@ -257,7 +282,17 @@ class TACModifier(Modifier):
         predictions = hf_logits_fn(model)
         for strength in dict.fromkeys(self.strengths):
             _attach(model, target, shrink_tac(tac, strength), edges)
-            if self.validate_on == "logits":  # KL at the masked positions of the final logits
+            if groups is not None:  # the same KL, layers index..L on the cached states, a batch at a time
+                parts = [None] * len(held_out)
+                for group, fp in zip(groups, reference_logits):
+                    with _entering(model, index, group.hidden):
+                        got = predictions(group.canvases, None)
+                    masked = group.canvases == config.mask_token_id
+                    kl = masked_position_kl(fp, got[masked].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
+                    counts = masked.sum(1).tolist()
+                    for position, piece in zip(group.positions, kl.split(counts)):
+                        parts[position] = (piece.sum(), piece.new_tensor(piece.numel()))
+            elif self.validate_on == "logits":  # KL at the masked positions of the final logits
                 parts = []
                 for canvas, fp in zip(held_out, reference_logits):
                     got = predictions(canvas, None)[canvas == config.mask_token_id].float().cpu()
@@ -312,6 +347,78 @@ def _spread(indices, count: int) -> list[int]:
         return []
     picked = torch.linspace(0, len(indices) - 1, min(count, len(indices))).round().long()
     return [indices[i] for i in picked.tolist()]
+
+
+@dataclass
+class _CanvasGroup:
+    """Held-out canvases of one length as a batch, their positions in the held-out list and (once
+    known) their hidden states entering the layer being validated."""
+
+    canvases: torch.Tensor
+    positions: list[int]
+    hidden: torch.Tensor | None = None
+
+
+def _equal_length_groups(canvases: list[torch.Tensor], vocab_size: int,
+                         logits_bytes: int = 256 * 2**20) -> list[_CanvasGroup]:
+    """Batches of equal-length canvases (a trajectory's canvases share their row's length), each
+    small enough that its float32 logits stay under `logits_bytes`."""
+    by_length: dict[int, list[int]] = {}
+    for position, canvas in enumerate(canvases):
+        by_length.setdefault(canvas.shape[1], []).append(position)
+    groups = []
+    for length, positions in by_length.items():
+        size = max(1, logits_bytes // (length * vocab_size * 4))
+        for start in range(0, len(positions), size):
+            chunk = positions[start:start + size]
+            groups.append(_CanvasGroup(torch.cat([canvases[p] for p in chunk]), chunk))
+    return groups
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a block that has already run: returns its input hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def _entering(model, index: int, hidden: torch.Tensor):
+    """While inside, the model's forward starts at block `index` with `hidden` as that block's input
+    (the blocks before it pass their input through); everything else of the forward (embedding
+    lookup, positions, token states, the runtime's hooks) runs as usual."""
+    blocks = family_of(model.config).block_list(model)
+    earlier = [blocks[j] for j in range(index)]
+    for j in range(index):
+        blocks[j] = _PassThrough()
+    handle = blocks[index].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for j, block in enumerate(earlier):
+            blocks[j] = block
+
+
+def _block_input(model, index: int, group: _CanvasGroup) -> torch.Tensor:
+    """The hidden states entering block `index` for the group's canvases: computed from the cached
+    states entering block `index - 1` (block 0: from the embedding)."""
+    blocks = family_of(model.config).block_list(model)
+    captured = []
+
+    def keep(module, args):
+        captured.append(args[0].detach())
+        raise _Captured
+
+    handle = blocks[index].register_forward_pre_hook(keep)
+    try:
+        with _entering(model, index - 1, group.hidden) if index else nullcontext():
+            model(input_ids=group.canvases)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def _attach(model, target, tac, edges) -> None:
