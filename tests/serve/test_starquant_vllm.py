@@ -193,28 +193,6 @@ def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     assert relative_error(logits[2], logits[1]) < 0.05
 
 
-def test_w4a4_starquant_checkpoint_with_tensor_parallelism(tmp_path):
-    """W4A4 at TP 2: each rank's slice of a row-parallel input (256 of d_model 512, 512 of the MLP's
-    1024) holds whole 256-wide rotation blocks, so SGAT's 4-bit codes are formed per rank; TP 2
-    agrees with TP 1 and both with the core's fake-quant."""
-    output = _random_gqa_checkpoint(tmp_path, "starquant_w4a4.yaml", seed=13, d_model=512, mlp_hidden_size=1024)
-    model, tokenizer = load_checkpoint(output)
-    input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
-    real = attention_mask.bool()
-    with torch.no_grad():
-        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits[real]
-    logits = {}
-    for tp in (1, 2):
-        with DiffusionLLM(output, tensor_parallel_size=tp) as llm:
-            info = llm.model_info()
-            logits[tp] = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
-        if not torch.cuda.is_available():  # SGAT's codes into the packed int4 GEMM on every site
-            assert len(info["codes_gemm"]) == 4 * model.config.n_layers, (tp, info["codes_gemm"])
-    errors = {tp: relative_error(got, expected) for tp, got in logits.items()}
-    assert max(errors.values()) < TOLERANCE["w4a4"], errors
-    assert relative_error(logits[2], logits[1]) < TOLERANCE["w4a4"], errors
-
-
 def test_plain_compressed_tensors_checkpoint_keeps_the_stock_path(tmp_path):
     """No starquant_config: vLLM's own compressed-tensors method serves it, unchanged."""
     directory = quantize_with_cli(SHIPPED_MODEL, "baselines/rtn_w8a8.yaml", tmp_path / "rtn")
