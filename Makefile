@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: compare-dream compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
+.PHONY: compare-dream compare-dream-second-model compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
@@ -62,6 +62,12 @@ compare-second-model: setup-compress
 compare-dream: setup-compress
 	$(COMPRESS)/bin/python examples/compare.py --model starquant_plugin/assets/dream-tiny-reverse \
 		--docs docs/dream-tiny-reverse --work results/compare-dream-tiny-reverse --dtype float32
+
+# The same recipes on the second trained Dream-format model (4-digit arithmetic, GQA, bf16 in 5 shards)
+# -> docs/dream-arith-4d/; W4A4 separates the methods there.
+compare-dream-second-model: setup-compress
+	$(COMPRESS)/bin/python examples/compare.py --model examples/models/dream-arith-4d \
+		--docs docs/dream-arith-4d --work results/compare-dream-arith-4d --dtype float32
 
 # Speed and memory of every variant against bf16 at LLaDA-8B shapes (2 blocks, random weights),
 # canvas 512, batch 1, all cores -> results/bench_llada8b.json; docs/performance.md has the numbers.
