@@ -179,6 +179,9 @@ def describe_model(path: Path) -> str:
     )
 
 
+READING = "## Reading"
+
+
 def write_markdown(args, results, figures, machine) -> None:
     fp = results["fp"]["exact_match"]
     shipped = args.model.resolve() == SHIPPED_MODEL.resolve()
@@ -219,7 +222,11 @@ def write_markdown(args, results, figures, machine) -> None:
                 f"{', '.join(f'{v:.4f}' for v in flipped)} |"
             )
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
-    (args.docs / "results.md").write_text("\n".join(lines) + "\n")
+    target = args.docs / "results.md"
+    # The hand-written sections after the generated part (from "## Reading" on) are kept.
+    previous = target.read_text() if target.is_file() else ""
+    kept = previous[previous.index(READING):] if READING in previous else ""
+    target.write_text("\n".join(lines) + "\n" + kept)
 
 
 if __name__ == "__main__":
