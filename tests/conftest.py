@@ -288,3 +288,17 @@ def serve_subprocess(directory: Path, *arguments: str, timeout: float = 240):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def eval_exact_match(directory: Path, out: Path, *extra: str) -> float:
+    """`starquant eval DIRECTORY --batch-size 100 --json OUT [extra]` in this process; its exact match."""
+    from starquant_plugin.cli import main
+
+    assert main(["eval", str(directory), "--batch-size", "100", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())["exact_match"]
+
+
+def exact_match_by_backend(directory: Path, tmp_path: Path, *extra: str) -> dict[str, float]:
+    """Exact match of `starquant eval` on the core and on the vLLM backend (same arguments)."""
+    return {backend: eval_exact_match(directory, tmp_path / f"{backend}.json", "--backend", backend, *extra)
+            for backend in ("core", "vllm")}

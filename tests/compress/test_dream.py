@@ -16,7 +16,7 @@ from starquant_plugin.checkpoint.writer import starquant_config_of
 from starquant_plugin.cli import main
 from starquant_plugin.data import CalibrationRecord, masked_calibration_samples
 from starquant_plugin.diffusion import hf_logits_fn
-from tests.conftest import random_dream_tensors, tiny_dream_config, tiny_tokenizer, write_hub_checkpoint
+from tests.conftest import eval_exact_match, random_dream_tensors, tiny_dream_config, tiny_tokenizer, write_hub_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ALL_RECIPES = sorted(str(p.relative_to(RECIPES)) for p in RECIPES.rglob("*.yaml"))
@@ -107,10 +107,8 @@ def test_every_recipe_runs_unchanged_on_dream(dream, reference_predictions, tmp_
 DREAM_ARITH = RECIPES.parent / "examples" / "models" / "dream-arith-4d"
 
 
-def _exact_match(directory: Path, out: Path, limit: str = "200") -> float:
-    assert main(["eval", str(directory), "--tasks", str(DREAM_ARITH / "eval.jsonl"), "--limit", limit,
-                 "--batch-size", "100", "--json", str(out)]) == 0
-    return json.loads(out.read_text())["exact_match"]
+def _exact_match(directory: Path, out: Path) -> float:
+    return eval_exact_match(directory, out, "--tasks", str(DREAM_ARITH / "eval.jsonl"), "--limit", "200")
 
 
 def test_starquant_w4a4_holds_where_round_to_nearest_breaks_on_the_trained_dream_model(tmp_path):

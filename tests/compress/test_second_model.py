@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from starquant_plugin.cli import main
+from tests.conftest import eval_exact_match
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "examples" / "models" / "llada-gqa-6d"
@@ -20,9 +21,7 @@ LIMIT = "200"
 
 
 def exact_match(directory: Path, out: Path) -> float:
-    assert main(["eval", str(directory), "--tasks", str(MODEL / "eval.jsonl"), "--limit", LIMIT,
-                 "--batch-size", "100", "--json", str(out)]) == 0
-    return json.loads(out.read_text())["exact_match"]
+    return eval_exact_match(directory, out, "--tasks", str(MODEL / "eval.jsonl"), "--limit", LIMIT)
 
 
 def test_second_model_is_what_it_claims():

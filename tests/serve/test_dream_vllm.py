@@ -11,7 +11,7 @@ import torch
 
 from starquant_plugin import load as load_checkpoint
 from starquant_plugin.evaluation import core_generate_fn
-from tests.conftest import quantize_with_cli, random_dream_tensors, tiny_dream_config, write_hub_checkpoint
+from tests.conftest import exact_match_by_backend, quantize_with_cli, random_dream_tensors, tiny_dream_config, write_hub_checkpoint
 
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
 
@@ -102,15 +102,9 @@ def test_shipped_dream_w4a4_scores_on_vllm_as_in_the_core(tmp_path):
     """STaR-Quant W4A4 (the paper's setting) on the trained Dream-format model: exact match on vLLM
     (SGAT's 4-bit codes on the packed int4 GEMM) within one point of the core's fake-quant."""
     from starquant_plugin.assets import SHIPPED_DREAM_MODEL
-    from starquant_plugin.cli import main
 
     checkpoint = quantize_with_cli(SHIPPED_DREAM_MODEL, "starquant_w4a4.yaml", tmp_path / "w4a4")
-    scores = {}
-    for backend in ("core", "vllm"):
-        out = tmp_path / f"{backend}.json"
-        assert main(["eval", str(checkpoint), "--backend", backend, "--batch-size", "100", "--limit", "100",
-                     "--json", str(out)]) == 0
-        scores[backend] = json.loads(out.read_text())["exact_match"]
+    scores = exact_match_by_backend(checkpoint, tmp_path, "--limit", "100")
     assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
     assert scores["core"] >= 0.9, scores
 

@@ -16,7 +16,7 @@ from starquant_plugin.evaluation import load_tasks
 from starquant_plugin import load as load_checkpoint
 from starquant_plugin.quantization.runtime import attach_runtime, sequence_mask_ratio
 from starquant_plugin.quantization.tac import mask_ratio_bucket
-from tests.conftest import quantize_with_cli, random_hub_tensors, tiny_config, write_hub_checkpoint
+from tests.conftest import exact_match_by_backend, quantize_with_cli, random_hub_tensors, tiny_config, write_hub_checkpoint
 
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
 
@@ -128,43 +128,25 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
 # core's fake-quant, docs/serving.md): W4A8 is scored on the first 100 examples here.
 @pytest.mark.parametrize("bits, limit", [("w8a8", 500), ("w4a8", 100), ("w4a4", 100)])
 def test_vllm_exact_match_within_one_point_of_the_core(shipped_checkpoints, bits, limit, tmp_path):
-    from starquant_plugin.cli import main
-
-    scores = {}
-    for backend in ("core", "vllm"):
-        out = tmp_path / f"{backend}.json"
-        assert main(["eval", str(shipped_checkpoints[bits]), "--backend", backend, "--batch-size", "100",
-                     "--limit", str(limit), "--json", str(out)]) == 0
-        scores[backend] = json.loads(out.read_text())["exact_match"]
+    scores = exact_match_by_backend(shipped_checkpoints[bits], tmp_path, "--limit", str(limit))
     assert abs(scores["vllm"] - scores["core"]) <= 0.01, scores
 
 
 def test_second_model_serves_as_it_scores_in_the_core(tmp_path):
     """examples/models/llada-gqa-6d: trained, GQA, bf16 in four shards, special ids 37-39, 7-token answers."""
-    from starquant_plugin.cli import main
-
     output = quantize_with_cli(ROOT / "examples" / "models" / "llada-gqa-6d", "starquant_w4a8.yaml", tmp_path / "w4a8")
-    scores = {}
-    for backend in ("core", "vllm"):
-        out = tmp_path / f"{backend}.json"
-        assert main(["eval", str(output), "--backend", backend, "--batch-size", "100", "--limit", "200",
-                     "--json", str(out)]) == 0
-        scores[backend] = json.loads(out.read_text())["exact_match"]
+    scores = exact_match_by_backend(output, tmp_path, "--limit", "200")
     assert scores["core"] > 0.95 and abs(scores["vllm"] - scores["core"]) <= 0.02, scores
-
-
-def _random_gqa_checkpoint(tmp_path, recipe: str, seed: int, **dimensions) -> Path:
-    """A random LLaDA-format GQA model (4 heads over 2 KV heads) quantized with `recipe` by the CLI."""
-    config = tiny_config(n_heads=4, n_kv_heads=2, **dimensions)
-    directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=seed))
-    dataset = tmp_path / "calibration.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
-    return quantize_with_cli(directory, recipe, tmp_path / "gqa-quantized", "--dataset", str(dataset), "--num-samples", "16")
 
 
 def test_gqa_starquant_checkpoint_with_tensor_parallelism(tmp_path):
     """GQA puts SGAT's smoothing online at the attention output; TP=2 splits every STaR-Quant tensor."""
-    output = _random_gqa_checkpoint(tmp_path, "starquant_w4a8.yaml", seed=11, d_model=256, mlp_hidden_size=512)
+    config = tiny_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=512)
+    directory = write_hub_checkpoint(tmp_path / "gqa", config, random_hub_tensors(config, seed=11))
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"abc{i}=", "answer": f"answer {i}"}) + "\n" for i in range(8)))
+    output = quantize_with_cli(directory, "starquant_w4a8.yaml", tmp_path / "gqa-w4a8", "--dataset", str(dataset),
+                               "--num-samples", "16")
     model, tokenizer = load_checkpoint(output)
     assert hasattr(model.model.transformer.blocks[0].attn_out, "sgat_smoothing")
     batch = tokenizer(["abc1=", "hello there", "q"], padding=True, return_tensors="pt")
