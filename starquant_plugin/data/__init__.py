@@ -1,6 +1,7 @@
 """Calibration data for diffusion LLMs (pure torch + tokenizer)."""
 
 from .calibration import CalibrationRecord, CalibrationTruncatedWarning, load_calibration_records, masked_calibration_samples
-from .trajectories import trajectory_canvases
+from .trajectories import rows_per_batch, trajectory_canvases
 
-__all__ = ["CalibrationRecord", "CalibrationTruncatedWarning", "load_calibration_records", "masked_calibration_samples", "trajectory_canvases"]
+__all__ = ["CalibrationRecord", "CalibrationTruncatedWarning", "load_calibration_records", "masked_calibration_samples", "rows_per_batch",
+           "trajectory_canvases"]

@@ -213,11 +213,15 @@ def test_registration_is_lazy_and_works_in_either_import_order():
         assert lazy == ("True" if first == "llmcompressor" else "False")
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_tac_cached_batched_validation_chooses_as_the_whole_model_forward(tmp_path, family):
-    """`validation_cache` (layers i..L on each canvas's cached hidden state, equal-length canvases
-    batched) measures the same held-out KL as running the whole model on one canvas at a time, so
-    it keeps the same strengths; Dream checks the family's logits shift on that path too."""
+@pytest.mark.parametrize("family, validate_on, objective", [
+    ("llada", "logits", "attention_output"), ("dream", "logits", "attention_output"),
+    ("llada", "block_output", "projection_output"),
+])
+def test_tac_layer_by_layer_fits_and_chooses_as_the_whole_model_forward(tmp_path, family, validate_on, objective):
+    """`layer_by_layer` (cached hidden states of both models, equal-length canvases batched, the
+    full-precision reference read one block at a time) fits the same maps and measures the same
+    held-out errors as whole forwards of two whole models on one canvas at a time, so it keeps the
+    same strengths; Dream checks the family's logits shift and a sharded reference on that path."""
     from tests.conftest import random_dream_tensors, tiny_dream_config
 
     if family == "dream":
@@ -231,20 +235,26 @@ def test_tac_cached_batched_validation_chooses_as_the_whole_model_forward(tmp_pa
     tokenizer = tiny_tokenizer(config)
     records = [CalibrationRecord(f"abc{i}=", f"answer number {i}"[: 8 + i % 5]) for i in range(8)]
     dataset = Dataset.from_list(masked_calibration_samples(tokenizer, records, config["mask_token_id"], 2))
-    runs = {}
+    runs, maps = {}, {}
     for cache in (True, False):
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         recipe = Recipe.create_instance(
             TAC_AFTER_W4A8.replace('ignore: ["model.transformer.ff_out"]', 'ignore: ["lm_head", "model.transformer.ff_out"]')
-            + f"      num_buckets: 2\n      strengths: [1.0, 0.75, 0.5, 0.25, 0.0]\n      validation_cache: {str(cache).lower()}\n")
+            + f"      num_buckets: 2\n      strengths: [1.0, 0.75, 0.5, 0.25, 0.0]\n      layer_by_layer: {str(cache).lower()}\n"
+            + f"      validate_on: {validate_on}\n      objective: {objective}\n")
         oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
                 shuffle_calibration_samples=False)
         (tac,) = [m for m in recipe.modifiers if type(m).__name__ == "TACModifier"]
         runs[cache] = tac
+        maps[cache] = [(b.tac_matrices.clone(), b.tac_offsets.clone()) for b in model.modules() if hasattr(b, "tac_matrices")]
     cached, full = runs[True], runs[False]
     assert len(cached.chosen_errors) == layers
     assert len({len(r) for r in cached._validation_rows}) > 1  # canvases of several lengths: several batches
     assert cached.chosen_strengths == full.chosen_strengths
+    assert len(maps[True]) == layers
+    for (matrices, offsets), (want_matrices, want_offsets) in zip(maps[True], maps[False]):
+        torch.testing.assert_close(matrices, want_matrices, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(offsets, want_offsets, rtol=1e-3, atol=1e-5)
     for got, expected in zip(cached.chosen_errors, full.chosen_errors):
         for strength in expected:
             torch.testing.assert_close(torch.tensor(got[strength]), torch.tensor(expected[strength]), rtol=1e-3, atol=1e-7)

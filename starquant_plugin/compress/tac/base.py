@@ -1,7 +1,6 @@
 """TACModifier: Temporal Attention Compensation for llm-compressor."""
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack
 from typing import Literal
 
 import torch
@@ -24,12 +23,10 @@ from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, seq
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 from ..recipe_check import check_session_recipe
 from ..report import stage
+from .layerwise import (BlockwiseReference, CanvasGroup, Captured, block_input, capture, check_reference, entering,
+                        equal_length_groups)
 
 __all__ = ["TACModifier"]
-
-
-class _Captured(Exception):
-    """Stops a forward once the wanted activation is captured."""
 
 
 class TACModifier(Modifier):
@@ -100,11 +97,14 @@ class TACModifier(Modifier):
         block output (cheaper: the forward stops at the layer; greedy in depth)
     :param validation_canvases: held-out canvases used (evenly subsampled; bounds the memory of
         the stored full-precision logits, canvases x masked positions x vocabulary)
-    :param validation_cache: with `validate_on: logits`, keep each held-out canvas's hidden state
-        entering the layer being fitted (the earlier layers are final by then), so validating layer
-        i runs layers i..L only, on batches of equal-length canvases (default). `false`: run the
-        whole model on one canvas at a time (the reference computation; no cached states, which
-        hold held-out canvases x tokens x hidden size)
+    :param layer_by_layer: run TAC one layer at a time on cached hidden states (default): each
+        canvas's hidden state entering layer i is kept, for the quantized model and for the
+        full-precision reference (layers before i are final when layer i is fitted), so fitting
+        layer i runs that layer only and validating it runs layers i..L, on batches of
+        equal-length canvases; the reference is read from its checkpoint one block at a time
+        (its embedding, final norm and head stay in memory), not held as a second model.
+        `false`: the reference computation (a whole second full-precision model, and a whole
+        forward per canvas for every capture and check)
     :param max_tokens_per_layer: fitting rows kept per layer (evenly subsampled)
     :param reference_model: full-precision checkpoint directory (default: the model's own
         `name_or_path`, which llm-compressor requires to be set)
@@ -121,7 +121,7 @@ class TACModifier(Modifier):
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0], min_length=1)
     validate_on: Literal["logits", "block_output"] = "logits"
     validation_canvases: int = Field(default=256, gt=0)
-    validation_cache: bool = True
+    layer_by_layer: bool = True
     reference_model: str | None = None
 
     bucketing: Literal["quantile", "uniform"] = "quantile"
@@ -147,6 +147,7 @@ class TACModifier(Modifier):
         if self.block_size is not None and head_dim % self.block_size:
             raise ValueError(f"TACModifier.block_size={self.block_size} does not divide head_dim={head_dim}")
         check_session_recipe(state.model)
+        check_reference(self.reference_model or state.model.name_or_path)  # before any calibration work
         if getattr(state, "data", None) is None or state.data.calib is None:
             raise ValueError("TACModifier requires calibration data (prompts to decode into trajectories)")
         rows = []
@@ -187,16 +188,12 @@ class TACModifier(Modifier):
         config = model.config
         device = next(model.parameters()).device
         with stage("TAC trajectories"):
-            canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id)
+            canvases = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._rows], config.mask_token_id,
+                                           vocab_size=config.vocab_size)
             if not canvases:
                 raise ValueError("TACModifier: no calibration row contains a mask token to decode")
-            held_out = trajectory_canvases(
-                hf_logits_fn(model), [r.to(device) for r in self._validation_rows], config.mask_token_id
-            )
-        reference_path = self.reference_model or model.name_or_path
-        logger.info(f"TAC: {len(canvases)} canvases; full-precision reference from {reference_path}")
-        with stage("TAC reference"):
-            reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
+            held_out = trajectory_canvases(hf_logits_fn(model), [r.to(device) for r in self._validation_rows],
+                                           config.mask_token_id, vocab_size=config.vocab_size)
         ratios = torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in canvases]).cpu()
         edges = calibrated_bucket_edges(ratios, self.num_buckets) if self.bucketing == "quantile" else uniform_bucket_edges(self.num_buckets)
         self._edges = edges
@@ -205,103 +202,186 @@ class TACModifier(Modifier):
         held_out = [held_out[i] for i in _spread(range(len(held_out)), self.validation_canvases)]
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
-        by_logits = self.validate_on == "logits"
-        groups = _equal_length_groups(held_out, config.vocab_size) if self.validation_cache and by_logits else None
-        with stage("TAC reference"):
-            reference_fn = hf_logits_fn(reference)
-            if not by_logits:
-                reference_logits = None
-            elif groups is not None:  # [masked positions of the group, vocab] per group
-                reference_logits = [reference_fn(g.canvases, None)[g.canvases == config.mask_token_id].float().cpu()
-                                    for g in groups]
-            else:
-                reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu() for c in held_out]
-        blocks = family_of(config).block_list(model)
-        if groups is not None:
-            with stage("TAC validation"):
-                for group in groups:
-                    group.hidden = _block_input(model, 0, group)
+        reference_path = self.reference_model or model.name_or_path
+        logger.info(f"TAC: {len(canvases)} canvases ({len(held_out)} held out); full-precision reference from "
+                    f"{reference_path}" + (", one block at a time" if self.layer_by_layer else ""))
         self._chosen, self._errors = [], []
-        for index in tqdm(range(len(blocks)), desc="TAC layers"):
-            with stage("TAC fit"):
-                target, tac = self._fit_layer(model, reference, index, canvases, ratios, edges)
-            if held_out:
-                with stage("TAC validation"):
-                    tac = self._validate(model, reference, index, tac, edges, held_out, held_buckets, reference_logits,
-                                         groups)
-            _attach(model, target, tac, edges)
-            if groups is not None and index + 1 < len(blocks):
-                with stage("TAC validation"):  # the layer is final: advance the cached states past it
-                    for group in groups:
-                        group.hidden = _block_input(model, index + 1, group)
+        fit = self._fit_layer_by_layer if self.layer_by_layer else self._fit_whole_model
+        fit(model, reference_path, canvases, ratios, edges, held_out, held_buckets)
         if self._chosen:
             logger.info(f"TAC: strengths kept per layer (per bucket) {self._chosen}")
-        del reference
 
-    def _fit_layer(self, model, reference, index, canvases, ratios, edges):
-        """(the layer's TAC target, its fitted map) for layer `index`, earlier layers corrected."""
+    def _fit_layer_by_layer(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets) -> None:
+        """Every layer from cached hidden states (quantized and full precision), canvases of one
+        length batched; the reference holds one block at a time (`layerwise`)."""
+        config = model.config
+        blocks = family_of(config).block_list(model)
+        by_logits = self.validate_on == "logits"
+        with stage("TAC reference"):
+            reference = BlockwiseReference(reference_path, model.dtype, next(model.parameters()).device)
+        fitting = equal_length_groups(canvases, config.vocab_size)
+        checking = equal_length_groups(held_out, config.vocab_size)
+        order = [p for group in fitting for p in group.positions]  # the captured rows' canvas order
+        buckets = mask_ratio_bucket(ratios[order], edges).repeat_interleave(torch.tensor([canvases[p].shape[1] for p in order]))
+        keep = torch.linspace(0, buckets.numel() - 1, min(buckets.numel(), self.max_tokens_per_layer)).long()
+        buckets = buckets[keep]
+        if checking and by_logits:
+            with stage("TAC reference"):
+                reference_logits = self._reference_logits(reference, checking)
+        with stage("TAC fit"):
+            for group in fitting:
+                group.hidden = block_input(model, 0, group.canvases)
+                group.reference_hidden = block_input(reference.model, 0, group.canvases)
+        with stage("TAC validation"):
+            for group in checking:
+                group.hidden = block_input(model, 0, group.canvases)
+                if not by_logits:
+                    group.reference_hidden = block_input(reference.model, 0, group.canvases)
+        quantized_state, reference_state = (lambda g: g.hidden), (lambda g: g.reference_hidden)
+        for index in tqdm(range(len(blocks)), desc="TAC layers"):
+            target = tac_target(blocks[index], config)
+            with ExitStack() as loaded:
+                with stage("TAC reference"):
+                    reference_block = loaded.enter_context(reference.block(index))
+                reference_target = tac_target(reference_block, config)
+                with stage("TAC fit"):
+                    inputs = capture(model, index, target, fitting, quantized_state, rows=keep)
+                    if self.objective == "attention_output":
+                        wanted = capture(reference.model, index, reference_target, fitting, reference_state, rows=keep)
+                    else:
+                        wanted = capture(reference.model, index, reference_target, fitting, reference_state, output=True,
+                                         rows=keep) - capture(model, index, target, fitting, quantized_state, output=True, rows=keep)
+                    tac = self._fit_map(config, target, reference_target, inputs, wanted, buckets)
+                    if index + 1 < len(blocks):  # the reference's layer is final: advance its states past it
+                        for group in fitting:
+                            group.reference_hidden = block_input(reference.model, index + 1, group.canvases, group.reference_hidden)
+                if checking and not by_logits:
+                    with stage("TAC validation"):
+                        wanted_blocks = capture(reference.model, index, reference_block, checking, reference_state, output=True)
+                        if index + 1 < len(blocks):
+                            for group in checking:
+                                group.reference_hidden = block_input(reference.model, index + 1, group.canvases,
+                                                                     group.reference_hidden)
+            if checking:
+                with stage("TAC validation"):
+                    if by_logits:
+                        def measure(groups=checking, index=index):
+                            return self._held_out_kl(model, index, groups, reference_logits, len(held_out))
+                    else:
+                        def measure(groups=checking, index=index, block=blocks[index], wanted=wanted_blocks):
+                            got = capture(model, index, block, groups, quantized_state, output=True)
+                            return _relative_errors(got, wanted, groups, len(held_out))
+                    tac = self._choose_strengths(model, index, target, tac, edges, held_buckets, measure)
+            _attach(model, target, tac, edges)
+            if index + 1 < len(blocks):
+                with stage("TAC fit"):  # the layer is final: advance the quantized states past it
+                    for group in fitting:
+                        group.hidden = block_input(model, index + 1, group.canvases, group.hidden)
+                with stage("TAC validation"):
+                    for group in checking:
+                        group.hidden = block_input(model, index + 1, group.canvases, group.hidden)
+
+    def _reference_logits(self, reference: BlockwiseReference, groups: list[CanvasGroup]) -> list[torch.Tensor]:
+        """The reference's logits [masked positions, vocab] (float32, CPU) at each group's masked
+        positions, running it one block at a time."""
+        config = reference.model.config
+        states = [None] * len(groups)
+        last = len(reference.blocks) - 1
+        for index in range(last):
+            with reference.block(index):
+                states = [block_input(reference.model, index + 1, g.canvases, s) for g, s in zip(groups, states)]
+        logits = []
+        with reference.block(last):
+            for group, state in zip(groups, states):
+                with entering(reference.model, last, state):
+                    got = hf_logits_fn(reference.model)(group.canvases, None)
+                logits.append(got[group.canvases == config.mask_token_id].float().cpu())
+        return logits
+
+    def _held_out_kl(self, model, index, groups, reference_logits, count) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(sum, count) of KL(FP || quantized) at each held-out canvas's masked positions, in the
+        held-out list's order, running layers index..L from the cached states."""
+        config = model.config
+        predictions = hf_logits_fn(model)
+        parts = [None] * count
+        for group, fp in zip(groups, reference_logits):
+            with entering(model, index, group.hidden):
+                got = predictions(group.canvases, None)
+            masked = group.canvases == config.mask_token_id
+            kl = masked_position_kl(fp, got[masked].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
+            for position, piece in zip(group.positions, kl.split(masked.sum(1).tolist())):
+                parts[position] = (piece.sum(), piece.new_tensor(piece.numel()))
+        return parts
+
+    def _fit_whole_model(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets) -> None:
+        """The reference computation: a second, whole full-precision model, and every capture and
+        check a forward of the whole model on one canvas at a time."""
         config = model.config
         family = family_of(config)
-        block_size = self.block_size or family.heads(config)[2]
+        device = next(model.parameters()).device
+        with stage("TAC reference"):
+            reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
+            reference_fn = hf_logits_fn(reference)
+            reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu() for c in held_out] \
+                if self.validate_on == "logits" else None
         blocks, reference_blocks = family.block_list(model), family.block_list(reference)
-        target = tac_target(blocks[index], config)
-        quantized = _capture(model, target, canvases)
-        reference_target = tac_target(reference_blocks[index], config)
-        folded = getattr(target, "_sgat_folded_smoothing", None)
         tokens = torch.tensor([c.shape[1] for c in canvases])
         buckets = mask_ratio_bucket(ratios, edges).repeat_interleave(tokens)
-        keep = torch.linspace(0, quantized.shape[0] - 1, min(quantized.shape[0], self.max_tokens_per_layer)).long()
-        if self.objective == "attention_output":
-            full = _capture(reference, reference_target, canvases)
-            if folded is not None:
-                full = full * folded.to(full.dtype)  # fit in the space the layer actually sees
-            tac = fit_tac(quantized[keep], full[keep], block_size, self.ridge, buckets[keep], self.num_buckets)
-        else:
-            # What the residual stream receives: FP minus quantized projection output (this layer's map not yet on).
-            error = _capture(reference, reference_target, canvases, output=True)
-            error = (error - _capture(model, target, canvases, output=True))[keep]
-            weight = reference_target.weight.float().T.cpu()  # [in, out]; the layer sees o * D, so o = x / D
-            if folded is not None:
-                weight = weight / folded.float().cpu()[:, None]
-            tac = fit_tac_to_output(quantized[keep], error, weight, block_size, self.ridge, buckets[keep],
-                                    self.num_buckets, self.iterations)
-        return target, tac
-
-    def _validate(self, model, reference, index, tac, edges, held_out, held_buckets, reference_logits, groups=None):
-        """Per mask-ratio bucket, the strength whose held-out error (see `validate_on`) is lowest;
-        returns the map with each bucket shrunk by its strength. `groups`: the held-out canvases in
-        equal-length batches with their hidden states entering layer `index` (`validation_cache`)."""
-        config = model.config
-        family = family_of(config)
-        blocks = family.block_list(model)
-        target = tac_target(blocks[index], config)
-        if self.validate_on == "block_output":
-            wanted = _capture(reference, family.block_list(reference)[index], held_out, output=True)
-            sizes = [c.numel() for c in held_out]
-        errors = {}
+        keep = torch.linspace(0, buckets.numel() - 1, min(buckets.numel(), self.max_tokens_per_layer)).long()
         predictions = hf_logits_fn(model)
+        for index in tqdm(range(len(blocks)), desc="TAC layers"):
+            target, reference_target = tac_target(blocks[index], config), tac_target(reference_blocks[index], config)
+            with stage("TAC fit"):
+                inputs = _capture(model, target, canvases)[keep]
+                if self.objective == "attention_output":
+                    wanted = _capture(reference, reference_target, canvases)[keep]
+                else:
+                    wanted = (_capture(reference, reference_target, canvases, output=True)
+                              - _capture(model, target, canvases, output=True))[keep]
+                tac = self._fit_map(config, target, reference_target, inputs, wanted, buckets[keep])
+            if held_out:
+                with stage("TAC validation"):
+                    if self.validate_on == "logits":
+                        def measure():
+                            parts = []
+                            for canvas, fp in zip(held_out, reference_logits):
+                                got = predictions(canvas, None)[canvas == config.mask_token_id].float().cpu()
+                                kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
+                                parts.append((kl.sum(), kl.new_tensor(kl.numel())))
+                            return parts
+                    else:
+                        wanted_blocks = _capture(reference, reference_blocks[index], held_out, output=True)
+
+                        def measure(block=blocks[index], wanted=wanted_blocks):
+                            got = _capture(model, block, held_out, output=True)
+                            sizes = [c.numel() for c in held_out]
+                            return [((g - w).pow(2).sum(), w.pow(2).sum()) for g, w in zip(got.split(sizes), wanted.split(sizes))]
+                    tac = self._choose_strengths(model, index, target, tac, edges, held_buckets, measure)
+            _attach(model, target, tac, edges)
+        del reference
+
+    def _fit_map(self, config, target, reference_target, inputs, wanted, buckets) -> TACMap:
+        """The layer's map from the quantized TAC inputs and, per `objective`, the reference's
+        attention outputs or the residual error of the o-projection (FP minus quantized output)."""
+        block_size = self.block_size or family_of(config).heads(config)[2]
+        folded = getattr(target, "_sgat_folded_smoothing", None)
+        if self.objective == "attention_output":
+            if folded is not None:
+                wanted = wanted * folded.float().cpu()  # fit in the space the layer actually sees
+            return fit_tac(inputs, wanted, block_size, self.ridge, buckets, self.num_buckets)
+        weight = reference_target.weight.float().T.cpu()  # [in, out]; the layer sees o * D, so o = x / D
+        if folded is not None:
+            weight = weight / folded.float().cpu()[:, None]
+        return fit_tac_to_output(inputs, wanted, weight, block_size, self.ridge, buckets, self.num_buckets, self.iterations)
+
+    def _choose_strengths(self, model, index, target, tac, edges, held_buckets, measure) -> TACMap:
+        """Per mask-ratio bucket, the strength whose held-out error (`measure()`: (numerator,
+        denominator) per held-out canvas, with the candidate map attached) is lowest; returns the
+        map with each bucket shrunk by its strength."""
+        errors = {}
         for strength in dict.fromkeys(self.strengths):
             _attach(model, target, shrink_tac(tac, strength), edges)
-            if groups is not None:  # the same KL, layers index..L on the cached states, a batch at a time
-                parts = [None] * len(held_out)
-                for group, fp in zip(groups, reference_logits):
-                    with _entering(model, index, group.hidden):
-                        got = predictions(group.canvases, None)
-                    masked = group.canvases == config.mask_token_id
-                    kl = masked_position_kl(fp, got[masked].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
-                    counts = masked.sum(1).tolist()
-                    for position, piece in zip(group.positions, kl.split(counts)):
-                        parts[position] = (piece.sum(), piece.new_tensor(piece.numel()))
-            elif self.validate_on == "logits":  # KL at the masked positions of the final logits
-                parts = []
-                for canvas, fp in zip(held_out, reference_logits):
-                    got = predictions(canvas, None)[canvas == config.mask_token_id].float().cpu()
-                    kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
-                    parts.append((kl.sum(), kl.new_tensor(kl.numel())))
-            else:  # relative squared error of this block's output
-                got = _capture(model, blocks[index], held_out, output=True)
-                parts = [((g - w).pow(2).sum(), w.pow(2).sum())
-                         for g, w in zip(got.split(sizes), wanted.split(sizes))]
+            parts = measure()
             errors[strength] = _per_bucket_ratio(torch.tensor([[float(a), float(b)] for a, b in parts]), held_buckets, tac.num_buckets)
         chosen = [min(errors, key=lambda s: errors[s][k]) for k in range(tac.num_buckets)]  # ties: the earlier
         self._chosen.append(chosen)
@@ -349,76 +429,17 @@ def _spread(indices, count: int) -> list[int]:
     return [indices[i] for i in picked.tolist()]
 
 
-@dataclass
-class _CanvasGroup:
-    """Held-out canvases of one length as a batch, their positions in the held-out list and (once
-    known) their hidden states entering the layer being validated."""
-
-    canvases: torch.Tensor
-    positions: list[int]
-    hidden: torch.Tensor | None = None
-
-
-def _equal_length_groups(canvases: list[torch.Tensor], vocab_size: int,
-                         logits_bytes: int = 256 * 2**20) -> list[_CanvasGroup]:
-    """Batches of equal-length canvases (a trajectory's canvases share their row's length), each
-    small enough that its float32 logits stay under `logits_bytes`."""
-    by_length: dict[int, list[int]] = {}
-    for position, canvas in enumerate(canvases):
-        by_length.setdefault(canvas.shape[1], []).append(position)
-    groups = []
-    for length, positions in by_length.items():
-        size = max(1, logits_bytes // (length * vocab_size * 4))
-        for start in range(0, len(positions), size):
-            chunk = positions[start:start + size]
-            groups.append(_CanvasGroup(torch.cat([canvases[p] for p in chunk]), chunk))
-    return groups
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for a block that has already run: returns its input hidden states."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-@contextmanager
-def _entering(model, index: int, hidden: torch.Tensor):
-    """While inside, the model's forward starts at block `index` with `hidden` as that block's input
-    (the blocks before it pass their input through); everything else of the forward (embedding
-    lookup, positions, token states, the runtime's hooks) runs as usual."""
-    blocks = family_of(model.config).block_list(model)
-    earlier = [blocks[j] for j in range(index)]
-    for j in range(index):
-        blocks[j] = _PassThrough()
-    handle = blocks[index].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-        for j, block in enumerate(earlier):
-            blocks[j] = block
-
-
-def _block_input(model, index: int, group: _CanvasGroup) -> torch.Tensor:
-    """The hidden states entering block `index` for the group's canvases: computed from the cached
-    states entering block `index - 1` (block 0: from the embedding)."""
-    blocks = family_of(model.config).block_list(model)
-    captured = []
-
-    def keep(module, args):
-        captured.append(args[0].detach())
-        raise _Captured
-
-    handle = blocks[index].register_forward_pre_hook(keep)
-    try:
-        with _entering(model, index - 1, group.hidden) if index else nullcontext():
-            model(input_ids=group.canvases)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
+def _relative_errors(got: torch.Tensor, wanted: torch.Tensor, groups: list[CanvasGroup], count: int):
+    """(squared error, squared norm) of each held-out canvas's block output, in the held-out list's
+    order, from rows [tokens, width] captured group by group."""
+    parts, offset = [None] * count, 0
+    for group in groups:
+        length = group.canvases.shape[1]
+        for position in group.positions:
+            g, w = got[offset:offset + length], wanted[offset:offset + length]
+            parts[position] = ((g - w).pow(2).sum(), w.pow(2).sum())
+            offset += length
+    return parts
 
 
 def _attach(model, target, tac, edges) -> None:
@@ -430,25 +451,6 @@ def _attach(model, target, tac, edges) -> None:
 
 
 def _capture(model, module, canvases, output: bool = False) -> torch.Tensor:
-    """Rows [tokens, width] of `module`'s raw input (before any TAC/SGAT hook) or its output
-    on each canvas; the forward stops there."""
-    rows = []
-
-    def keep(value):
-        value = value[0] if isinstance(value, tuple) else value
-        rows.append(value.reshape(-1, value.shape[-1]).float().cpu())
-        raise _Captured
-
-    if output:
-        handle = module.register_forward_hook(lambda m, args, result: keep(result))
-    else:
-        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]), prepend=True)
-    try:
-        for canvas in canvases:
-            try:
-                model(input_ids=canvas)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(rows)
+    """Rows [tokens, width] of `module`'s raw input or output on each canvas, one whole forward
+    (up to `module`) per canvas."""
+    return capture(model, 0, module, [CanvasGroup(c, [i]) for i, c in enumerate(canvases)], lambda group: None, output)
