@@ -155,6 +155,18 @@ TAC_AFTER_W4A8 = RECIPE.replace("weight_bits: 8", "weight_bits: 4") + """    GPT
 """
 
 
+def test_held_out_check_scores_a_share_of_the_masked_positions_beyond_the_logits_budget():
+    from starquant_plugin.compress.tac.base import _scored_positions
+
+    mask = 9
+    canvases = [torch.tensor([[1, 2] + [mask] * n]) for n in (1, 4, 8, 16)]
+    assert [int(s.sum()) for s in _scored_positions(canvases, mask, vocab_size=10)] == [1, 4, 8, 16]
+    scored = _scored_positions(canvases, mask, vocab_size=10, budget=29 * 10 * 4 // 2)  # half of 29 positions
+    assert [int(s.sum()) for s in scored] == [1, 2, 4, 8]  # each canvas keeps a share, at least one
+    assert all(bool((c[s] == mask).all()) for c, s in zip(canvases, scored))  # masked positions only
+    assert scored[3][0, 2:].nonzero()[:, 0].tolist() == [0, 2, 4, 6, 9, 11, 13, 15]  # evenly spaced
+
+
 @pytest.mark.parametrize("validate_on", ["logits", "block_output"])
 def test_tac_keeps_per_layer_and_bucket_the_strength_with_the_lowest_held_out_error(tiny_setup, validate_on):
     directory, config, tokenizer, dataset = tiny_setup
@@ -213,15 +225,21 @@ def test_registration_is_lazy_and_works_in_either_import_order():
         assert lazy == ("True" if first == "llmcompressor" else "False")
 
 
-@pytest.mark.parametrize("family, validate_on, objective", [
-    ("llada", "logits", "attention_output"), ("dream", "logits", "attention_output"),
-    ("llada", "block_output", "projection_output"),
+@pytest.mark.parametrize("family, validate_on, objective, logits_budget", [
+    ("llada", "logits", "attention_output", None), ("dream", "logits", "attention_output", 1),
+    ("llada", "block_output", "projection_output", None),
 ])
-def test_tac_layer_by_layer_fits_and_chooses_as_the_whole_model_forward(tmp_path, family, validate_on, objective):
+def test_tac_layer_by_layer_fits_and_chooses_as_the_whole_model_forward(tmp_path, monkeypatch, family, validate_on,
+                                                                         objective, logits_budget):
     """`layer_by_layer` (cached hidden states of both models, equal-length canvases batched, the
     full-precision reference read one block at a time) fits the same maps and measures the same
     held-out errors as whole forwards of two whole models on one canvas at a time, so it keeps the
-    same strengths; Dream checks the family's logits shift and a sharded reference on that path."""
+    same strengths; Dream checks the family's logits shift and a sharded reference on that path, and
+    the held-out check on a share of the masked positions (FP logits over budget: one per canvas)."""
+    from starquant_plugin.compress.tac import base
+
+    if logits_budget is not None:
+        monkeypatch.setattr(base, "REFERENCE_LOGITS_BYTES", logits_budget)
     from tests.conftest import random_dream_tensors, tiny_dream_config
 
     if family == "dream":

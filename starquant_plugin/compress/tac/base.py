@@ -26,7 +26,10 @@ from ..report import stage
 from .layerwise import (BlockwiseReference, CanvasGroup, Captured, block_input, capture, check_reference, entering,
                         equal_length_groups)
 
-__all__ = ["TACModifier"]
+__all__ = ["REFERENCE_LOGITS_BYTES", "TACModifier"]
+
+# Memory the full-precision logits kept for the held-out check may take (float32).
+REFERENCE_LOGITS_BYTES = 2**30
 
 
 class TACModifier(Modifier):
@@ -95,8 +98,10 @@ class TACModifier(Modifier):
         held-out canvases' masked positions, i.e. the drift itself (one forward of the model per
         candidate, layer and canvas); `block_output`: relative squared error of the layer's
         block output (cheaper: the forward stops at the layer; greedy in depth)
-    :param validation_canvases: held-out canvases used (evenly subsampled; bounds the memory of
-        the stored full-precision logits, canvases x masked positions x vocabulary)
+    :param validation_canvases: held-out canvases used (evenly subsampled). The full-precision
+        logits at their masked positions are kept in memory (float32); where they would exceed
+        `REFERENCE_LOGITS_BYTES` (1 GiB) an evenly spaced share of each canvas's masked positions
+        is scored instead (logged)
     :param layer_by_layer: run TAC one layer at a time on cached hidden states (default): each
         canvas's hidden state entering layer i is kept, for the quantized model and for the
         full-precision reference (layers before i are final when layer i is fitted), so fitting
@@ -202,16 +207,17 @@ class TACModifier(Modifier):
         held_out = [held_out[i] for i in _spread(range(len(held_out)), self.validation_canvases)]
         held_buckets = mask_ratio_bucket(torch.cat([sequence_mask_ratio(c == config.mask_token_id) for c in held_out]).cpu(), edges) \
             if held_out else None
+        scored = _scored_positions(held_out, config.mask_token_id, config.vocab_size) if self.validate_on == "logits" else None
         reference_path = self.reference_model or model.name_or_path
         logger.info(f"TAC: {len(canvases)} canvases ({len(held_out)} held out); full-precision reference from "
                     f"{reference_path}" + (", one block at a time" if self.layer_by_layer else ""))
         self._chosen, self._errors = [], []
         fit = self._fit_layer_by_layer if self.layer_by_layer else self._fit_whole_model
-        fit(model, reference_path, canvases, ratios, edges, held_out, held_buckets)
+        fit(model, reference_path, canvases, ratios, edges, held_out, held_buckets, scored)
         if self._chosen:
             logger.info(f"TAC: strengths kept per layer (per bucket) {self._chosen}")
 
-    def _fit_layer_by_layer(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets) -> None:
+    def _fit_layer_by_layer(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets, scored) -> None:
         """Every layer from cached hidden states (quantized and full precision), canvases of one
         length batched; the reference holds one block at a time (`layerwise`)."""
         config = model.config
@@ -221,6 +227,8 @@ class TACModifier(Modifier):
             reference = BlockwiseReference(reference_path, model.dtype, next(model.parameters()).device)
         fitting = equal_length_groups(canvases, config.vocab_size)
         checking = equal_length_groups(held_out, config.vocab_size)
+        for group in checking if scored else []:
+            group.scored = torch.cat([scored[p] for p in group.positions])
         order = [p for group in fitting for p in group.positions]  # the captured rows' canvas order
         buckets = mask_ratio_bucket(ratios[order], edges).repeat_interleave(torch.tensor([canvases[p].shape[1] for p in order]))
         keep = torch.linspace(0, buckets.numel() - 1, min(buckets.numel(), self.max_tokens_per_layer)).long()
@@ -295,7 +303,7 @@ class TACModifier(Modifier):
             for group, state in zip(groups, states):
                 with entering(reference.model, last, state):
                     got = hf_logits_fn(reference.model)(group.canvases, None)
-                logits.append(got[group.canvases == config.mask_token_id].float().cpu())
+                logits.append(got[group.scored].float().cpu())
         return logits
 
     def _held_out_kl(self, model, index, groups, reference_logits, count) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -307,13 +315,12 @@ class TACModifier(Modifier):
         for group, fp in zip(groups, reference_logits):
             with entering(model, index, group.hidden):
                 got = predictions(group.canvases, None)
-            masked = group.canvases == config.mask_token_id
-            kl = masked_position_kl(fp, got[masked].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
-            for position, piece in zip(group.positions, kl.split(masked.sum(1).tolist())):
+            kl = masked_position_kl(fp, got[group.scored].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
+            for position, piece in zip(group.positions, kl.split(group.scored.sum(1).tolist())):
                 parts[position] = (piece.sum(), piece.new_tensor(piece.numel()))
         return parts
 
-    def _fit_whole_model(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets) -> None:
+    def _fit_whole_model(self, model, reference_path, canvases, ratios, edges, held_out, held_buckets, scored) -> None:
         """The reference computation: a second, whole full-precision model, and every capture and
         check a forward of the whole model on one canvas at a time."""
         config = model.config
@@ -322,7 +329,7 @@ class TACModifier(Modifier):
         with stage("TAC reference"):
             reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=model.dtype).to(device).eval()
             reference_fn = hf_logits_fn(reference)
-            reference_logits = [reference_fn(c, None)[c == config.mask_token_id].float().cpu() for c in held_out] \
+            reference_logits = [reference_fn(c, None)[s].float().cpu() for c, s in zip(held_out, scored)] \
                 if self.validate_on == "logits" else None
         blocks, reference_blocks = family.block_list(model), family.block_list(reference)
         tokens = torch.tensor([c.shape[1] for c in canvases])
@@ -344,8 +351,8 @@ class TACModifier(Modifier):
                     if self.validate_on == "logits":
                         def measure():
                             parts = []
-                            for canvas, fp in zip(held_out, reference_logits):
-                                got = predictions(canvas, None)[canvas == config.mask_token_id].float().cpu()
+                            for canvas, fp, where in zip(held_out, reference_logits, scored):
+                                got = predictions(canvas, None)[where].float().cpu()
                                 kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
                                 parts.append((kl.sum(), kl.new_tensor(kl.numel())))
                             return parts
@@ -412,6 +419,28 @@ def _per_bucket_ratio(parts: torch.Tensor, buckets: torch.Tensor, num_buckets: i
         rows = parts[buckets == k]
         ratios.append(float(rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1e-30)) if rows.numel() else total)
     return ratios
+
+
+def _scored_positions(canvases: list[torch.Tensor], mask_token_id: int, vocab_size: int,
+                      budget: int | None = None) -> list[torch.Tensor]:
+    """Per held-out canvas, bool [1, seq]: the masked positions whose logits the check compares. All
+    of them, unless their full-precision logits (float32, kept in memory) would exceed `budget`:
+    then an evenly spaced share of each canvas's masked positions (at least one)."""
+    budget = REFERENCE_LOGITS_BYTES if budget is None else budget
+    masks = [c == mask_token_id for c in canvases]
+    total = sum(int(m.sum()) for m in masks)
+    if total * vocab_size * 4 <= budget:
+        return masks
+    share = budget / (total * vocab_size * 4)
+    scored = []
+    for mask in masks:
+        where = mask[0].nonzero()[:, 0]
+        chosen = torch.zeros_like(mask)
+        chosen[0, where[_spread(range(len(where)), max(1, int(len(where) * share)))]] = True
+        scored.append(chosen)
+    logger.info(f"TAC: the held-out check scores {sum(int(s.sum()) for s in scored)} of {total} masked positions "
+                f"(full-precision logits kept within {budget / 2**30:g} GiB)")
+    return scored
 
 
 def _tail_masked(row: torch.Tensor, mask_token_id: int) -> float:

@@ -43,6 +43,7 @@ class CanvasGroup:
     positions: list[int]
     hidden: torch.Tensor | None = None
     reference_hidden: torch.Tensor | None = field(default=None, repr=False)
+    scored: torch.Tensor | None = field(default=None, repr=False)  # bool [n, seq]: positions whose logits are compared
 
 
 def equal_length_groups(canvases: list[torch.Tensor], vocab_size: int) -> list[CanvasGroup]:
