@@ -225,17 +225,18 @@ def test_registration_is_lazy_and_works_in_either_import_order():
         assert lazy == ("True" if first == "llmcompressor" else "False")
 
 
-@pytest.mark.parametrize("family, validate_on, objective, logits_budget", [
-    ("llada", "logits", "attention_output", None), ("dream", "logits", "attention_output", 1),
-    ("llada", "block_output", "projection_output", None),
+@pytest.mark.parametrize("family, validate_on, objective, logits_budget, validation_depth", [
+    ("llada", "logits", "attention_output", None, 8), ("llada", "logits", "attention_output", None, 1),
+    ("dream", "logits", "attention_output", 1, 2), ("llada", "block_output", "projection_output", None, 8),
 ])
 def test_tac_layer_by_layer_fits_and_chooses_as_the_whole_model_forward(tmp_path, monkeypatch, family, validate_on,
-                                                                         objective, logits_budget):
+                                                                         objective, logits_budget, validation_depth):
     """`layer_by_layer` (cached hidden states of both models, equal-length canvases batched, the
     full-precision reference read one block at a time) fits the same maps and measures the same
     held-out errors as whole forwards of two whole models on one canvas at a time, so it keeps the
     same strengths; Dream checks the family's logits shift and a sharded reference on that path, and
-    the held-out check on a share of the masked positions (FP logits over budget: one per canvas)."""
+    the held-out check on a share of the masked positions (FP logits over budget: one per canvas);
+    `validation_depth` below the depth checks layers on the logits from a shallower output."""
     from starquant_plugin.compress.tac import base
 
     if logits_budget is not None:
@@ -259,7 +260,7 @@ def test_tac_layer_by_layer_fits_and_chooses_as_the_whole_model_forward(tmp_path
         recipe = Recipe.create_instance(
             TAC_AFTER_W4A8.replace('ignore: ["model.transformer.ff_out"]', 'ignore: ["lm_head", "model.transformer.ff_out"]')
             + f"      num_buckets: 2\n      strengths: [1.0, 0.75, 0.5, 0.25, 0.0]\n      layer_by_layer: {str(cache).lower()}\n"
-            + f"      validate_on: {validate_on}\n      objective: {objective}\n")
+            + f"      validate_on: {validate_on}\n      objective: {objective}\n      validation_depth: {validation_depth}\n")
         oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(dataset),
                 shuffle_calibration_samples=False)
         (tac,) = [m for m in recipe.modifiers if type(m).__name__ == "TACModifier"]

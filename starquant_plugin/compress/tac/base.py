@@ -102,6 +102,11 @@ class TACModifier(Modifier):
         logits at their masked positions are kept in memory (float32); where they would exceed
         `REFERENCE_LOGITS_BYTES` (1 GiB) an evenly spaced share of each canvas's masked positions
         is scored instead (logged)
+    :param validation_depth: blocks the held-out check of a layer runs with `validate_on: logits`:
+        layer i's candidates are compared on the logits that the final norm and LM head give from
+        the output of layer i + D - 1 (the FP model's the same way), so each check costs D blocks
+        and the whole check grows linearly with depth; layers within D of the last are checked on
+        the true final logits. `null`: always the final logits (exact; quadratic in depth)
     :param layer_by_layer: run TAC one layer at a time on cached hidden states (default): each
         canvas's hidden state entering layer i is kept, for the quantized model and for the
         full-precision reference (layers before i are final when layer i is fitted), so fitting
@@ -126,6 +131,7 @@ class TACModifier(Modifier):
     strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0], min_length=1)
     validate_on: Literal["logits", "block_output"] = "logits"
     validation_canvases: int = Field(default=256, gt=0)
+    validation_depth: int | None = Field(default=8, gt=0)
     layer_by_layer: bool = True
     reference_model: str | None = None
 
@@ -233,9 +239,14 @@ class TACModifier(Modifier):
         buckets = mask_ratio_bucket(ratios[order], edges).repeat_interleave(torch.tensor([canvases[p].shape[1] for p in order]))
         keep = torch.linspace(0, buckets.numel() - 1, min(buckets.numel(), self.max_tokens_per_layer)).long()
         buckets = buckets[keep]
+        depth = len(blocks)
+        window = min(self.validation_depth or depth, depth)
         if checking and by_logits:
-            with stage("TAC reference"):
-                reference_logits = self._reference_logits(reference, checking)
+            with stage("TAC reference"):  # FP logits at the depth layer 0 is checked at (and the final ones)
+                states = self._reference_states(reference, checking, {window, depth})
+                final_logits = _lens_logits(reference.model, checking, states[depth], depth)
+                ahead, reference_logits = states[window], _lens_logits(reference.model, checking, states[window], window)
+                del states
         with stage("TAC fit"):
             for group in fitting:
                 group.hidden = block_input(model, 0, group.canvases)
@@ -273,14 +284,22 @@ class TACModifier(Modifier):
             if checking:
                 with stage("TAC validation"):
                     if by_logits:
-                        def measure(groups=checking, index=index):
-                            return self._held_out_kl(model, index, groups, reference_logits, len(held_out))
+                        end = index + window
+                        fp_logits = reference_logits if end < depth else final_logits
+
+                        def measure(groups=checking, index=index, fp_logits=fp_logits, end=end):
+                            return self._held_out_kl(model, index, groups, fp_logits, len(held_out), end)
                     else:
                         def measure(groups=checking, index=index, block=blocks[index], wanted=wanted_blocks):
                             got = capture(model, index, block, groups, quantized_state, output=True)
                             return _relative_errors(got, wanted, groups, len(held_out))
                     tac = self._choose_strengths(model, index, target, tac, edges, held_buckets, measure)
             _attach(model, target, tac, edges)
+            if checking and by_logits and index + window + 1 < depth:
+                with stage("TAC reference"):  # the next layer is checked one block deeper
+                    with reference.block(index + window):
+                        ahead = [block_input(reference.model, index + window + 1, g.canvases, h) for g, h in zip(checking, ahead)]
+                    reference_logits = _lens_logits(reference.model, checking, ahead, index + window + 1)
             if index + 1 < len(blocks):
                 with stage("TAC fit"):  # the layer is final: advance the quantized states past it
                     for group in fitting:
@@ -289,33 +308,30 @@ class TACModifier(Modifier):
                     for group in checking:
                         group.hidden = block_input(model, index + 1, group.canvases, group.hidden)
 
-    def _reference_logits(self, reference: BlockwiseReference, groups: list[CanvasGroup]) -> list[torch.Tensor]:
-        """The reference's logits [masked positions, vocab] (float32, CPU) at each group's masked
-        positions, running it one block at a time."""
-        config = reference.model.config
-        states = [None] * len(groups)
-        last = len(reference.blocks) - 1
-        for index in range(last):
+    @staticmethod
+    def _reference_states(reference: BlockwiseReference, groups: list[CanvasGroup], depths: set[int]) -> dict[int, list]:
+        """The reference's hidden states of each group after each of `depths` blocks, running it one
+        block at a time."""
+        states, kept = [block_input(reference.model, 0, g.canvases) for g in groups], {}
+        for index in range(max(depths)):
+            if index in depths:
+                kept[index] = states
             with reference.block(index):
                 states = [block_input(reference.model, index + 1, g.canvases, s) for g, s in zip(groups, states)]
-        logits = []
-        with reference.block(last):
-            for group, state in zip(groups, states):
-                with entering(reference.model, last, state):
-                    got = hf_logits_fn(reference.model)(group.canvases, None)
-                logits.append(got[group.scored].float().cpu())
-        return logits
+        kept[max(depths)] = states
+        return kept
 
-    def _held_out_kl(self, model, index, groups, reference_logits, count) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(sum, count) of KL(FP || quantized) at each held-out canvas's masked positions, in the
-        held-out list's order, running layers index..L from the cached states."""
+    def _held_out_kl(self, model, index, groups, reference_logits, count, end) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(sum, count) of KL(FP || quantized) at each held-out canvas's scored positions, in the
+        held-out list's order, running layers index..end-1 (`end` past the last: to the end) from the
+        cached states."""
         config = model.config
         predictions = hf_logits_fn(model)
         parts = [None] * count
         for group, fp in zip(groups, reference_logits):
-            with entering(model, index, group.hidden):
-                got = predictions(group.canvases, None)
-            kl = masked_position_kl(fp, got[group.scored].float().cpu(), torch.ones(fp.shape[0], dtype=torch.bool))
+            with entering(model, index, group.hidden, end if end < len(family_of(config).block_list(model)) else None):
+                got = _scored_logits(predictions, group)
+            kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
             for position, piece in zip(group.positions, kl.split(group.scored.sum(1).tolist())):
                 parts[position] = (piece.sum(), piece.new_tensor(piece.numel()))
         return parts
@@ -349,10 +365,18 @@ class TACModifier(Modifier):
             if held_out:
                 with stage("TAC validation"):
                     if self.validate_on == "logits":
-                        def measure():
+                        end = index + (self.validation_depth or len(blocks))
+                        end = end if end < len(blocks) else None
+                        fp_logits = reference_logits
+                        if end is not None:  # the logits from block end - 1's output, as in the checked model
+                            with entering(reference, 0, None, end):
+                                fp_logits = [reference_fn(c, None)[w].float().cpu() for c, w in zip(held_out, scored)]
+
+                        def measure(fp_logits=fp_logits, end=end):
                             parts = []
-                            for canvas, fp, where in zip(held_out, reference_logits, scored):
-                                got = predictions(canvas, None)[where].float().cpu()
+                            for canvas, fp, where in zip(held_out, fp_logits, scored):
+                                with entering(model, 0, None, end):
+                                    got = predictions(canvas, None)[where].float().cpu()
                                 kl = masked_position_kl(fp, got, torch.ones(fp.shape[0], dtype=torch.bool))
                                 parts.append((kl.sum(), kl.new_tensor(kl.numel())))
                             return parts
@@ -456,6 +480,25 @@ def _spread(indices, count: int) -> list[int]:
         return []
     picked = torch.linspace(0, len(indices) - 1, min(count, len(indices))).round().long()
     return [indices[i] for i in picked.tolist()]
+
+
+def _lens_logits(model, groups: list[CanvasGroup], states: list[torch.Tensor], depth: int) -> list[torch.Tensor]:
+    """The model's logits at each group's scored positions (float32, CPU) from `states`, its hidden
+    states after `depth` blocks, through the final norm and LM head (the final logits when `depth`
+    is the model's depth)."""
+    predictions, logits = hf_logits_fn(model), []
+    for group, state in zip(groups, states):
+        with entering(model, depth, state, end=depth):
+            logits.append(_scored_logits(predictions, group))
+    return logits
+
+
+def _scored_logits(predictions, group: CanvasGroup) -> torch.Tensor:
+    """Logits [scored positions, vocab] (float32, CPU) of the group's scored positions, the LM head
+    run on the span from the first to the last of them only."""
+    columns = group.scored.any(0).nonzero()[:, 0]
+    lo, hi = int(columns[0]), int(columns[-1]) + 1
+    return predictions(group.canvases, None, window=(lo, hi))[group.scored[:, lo:hi]].float().cpu()
 
 
 def _relative_errors(got: torch.Tensor, wanted: torch.Tensor, groups: list[CanvasGroup], count: int):

@@ -69,38 +69,45 @@ class _PassThrough(torch.nn.Module):
 
 
 @contextmanager
-def entering(model, index: int, hidden: torch.Tensor | None):
+def entering(model, index: int, hidden: torch.Tensor | None, end: int | None = None):
     """While inside, the model's forward starts at block `index` with `hidden` as that block's input
-    (the blocks before it pass their input through); everything else of the forward runs as usual.
-    `hidden=None` (block 0 from the embedding) changes nothing."""
-    if hidden is None:
+    (the blocks before it pass their input through; `hidden=None`: from the embedding, `index` 0)
+    and, with `end`, stops after block `end - 1`: the blocks from `end` on pass their input through,
+    so the final norm and head see block `end - 1`'s output. Everything else runs as usual."""
+    if hidden is None and end is None:
         yield
         return
     blocks = family_of(model.config).block_list(model)
-    earlier = [blocks[j] for j in range(index)]
-    for j in range(index):
+    skipped = [j for j in range(len(blocks)) if (hidden is not None and j < index) or (end is not None and j >= end)]
+    kept = {j: blocks[j] for j in skipped}
+    for j in skipped:
         blocks[j] = _PassThrough()
-    handle = blocks[index].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
+    # Block 0 is either the block `index` or a pass-through ahead of it: injecting there is the same.
+    handle = blocks[0].register_forward_pre_hook(lambda module, args: (hidden, *args[1:])) if hidden is not None else None
     try:
         yield
     finally:
-        handle.remove()
-        for j, block in enumerate(earlier):
+        if handle is not None:
+            handle.remove()
+        for j, block in kept.items():
             blocks[j] = block
 
 
 def block_input(model, index: int, canvases: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """The hidden states entering block `index` for `canvases` [n, seq]: from `hidden`, the states
-    entering block `index - 1` (None for block 0: from the embedding). Blocks from `index` on are
-    not run (they may be unloaded)."""
+    """The hidden states entering block `index` (`index` = the number of blocks: leaving the last)
+    for `canvases` [n, seq]: from `hidden`, the states entering block `index - 1` (None for block 0:
+    from the embedding). Blocks from `index` on are not run (they may be unloaded)."""
     blocks = family_of(model.config).block_list(model)
     captured = []
 
-    def keep(module, args):
-        captured.append(args[0].detach())
+    def keep(value):
+        captured.append((value[0] if isinstance(value, tuple) else value).detach())
         raise Captured
 
-    handle = blocks[index].register_forward_pre_hook(keep)
+    if index == 0:
+        handle = blocks[0].register_forward_pre_hook(lambda module, args: keep(args[0]))
+    else:
+        handle = blocks[index - 1].register_forward_hook(lambda module, args, output: keep(output))
     try:
         with entering(model, index - 1, hidden) if index else nullcontext():
             model(input_ids=canvases)
