@@ -7,8 +7,9 @@ full depth.
         --recipes starquant_w8a8.yaml baselines/gptq_w8a8.yaml --json results/quantize-cost.json
 
 The first recipe is compared with the last (the baseline a user would otherwise run). Extrapolation:
-least squares of seconds on (1, L) per stage, or (1, L, L^2) with three depths or more (a stage that
-grows faster than linearly shows in its L^2 term); memory: peak of the run at the deepest depth.
+least squares per stage of seconds on (1, L), except TAC's held-out check, whose layer i runs
+min(D, L - i) blocks (D = the recipe's `validation_depth`): on (1, L, sum_i min(D, L - i)) with three
+depths or more. Memory: the peak of each run.
 """
 
 import argparse
@@ -41,15 +42,43 @@ def quantize(base: Path, recipe: Path, output: Path, num_samples: int, seed: int
     return {"wall_seconds": round(seconds, 1), "stages": stages}
 
 
-def extrapolate(depths: list[int], seconds: list[float], depth: int) -> float:
-    """Least-squares fit of seconds against depth (with an L^2 term from three depths on), at `depth`."""
-    x = torch.tensor(depths, dtype=torch.float64)
-    columns = [torch.ones_like(x), x] + ([x * x] if len(depths) >= 3 else [])
-    solution = torch.linalg.lstsq(torch.stack(columns, 1), torch.tensor(seconds, dtype=torch.float64)[:, None]).solution
-    return float(sum(c * depth ** i for i, c in enumerate(solution[:, 0].tolist())))
+def checked_blocks(depth: int, window: int | None) -> int:
+    """Blocks TAC's held-out check runs over all layers of a `depth`-block model (per candidate and canvas)."""
+    return sum(min(window or depth, depth - i) for i in range(depth))
 
 
-def summarize(runs: dict, recipes: list[str], depths: list[int], full: int) -> str:
+def extrapolate(depths: list[int], seconds: list[float], depth: int, window: int | None = None,
+                validation: bool = False) -> float:
+    """Least-squares fit of a stage's seconds against depth, evaluated at `depth` (see the module docstring)."""
+    def basis(d: int) -> list[float]:
+        return [1.0, float(d)] + ([float(checked_blocks(d, window))] if validation and len(depths) >= 3 else [])
+
+    solution = torch.linalg.lstsq(torch.tensor([basis(d) for d in depths], dtype=torch.float64),
+                                  torch.tensor(seconds, dtype=torch.float64)[:, None]).solution
+    return float(torch.tensor(basis(depth), dtype=torch.float64) @ solution[:, 0])
+
+
+def validation_depth(recipe: Path) -> int | None:
+    """The recipe's TACModifier.validation_depth (its default when unset)."""
+    import yaml
+
+    from starquant_plugin.compress import TACModifier
+
+    def find(node):
+        if isinstance(node, dict):
+            if "TACModifier" in node:
+                return (node["TACModifier"] or {}).get("validation_depth", TACModifier.model_fields["validation_depth"].default)
+            for value in node.values():
+                found = find(value)
+                if found != "absent":
+                    return found
+        return "absent"
+
+    found = find(yaml.safe_load(recipe.read_text()))
+    return None if found == "absent" else found
+
+
+def summarize(runs: dict, recipes: dict[str, Path], depths: list[int], full: int) -> str:
     stage_names = list(dict.fromkeys(s["name"] for r in runs.values() for run in r.values() for s in run["stages"]))
     lines = []
     for depth in depths:
@@ -64,7 +93,7 @@ def summarize(runs: dict, recipes: list[str], depths: list[int], full: int) -> s
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("| total (stages) | " + " | ".join(f"{_total(runs[r][str(depth)]):.1f}" for r in recipes) + " |")
         lines.append("")
-    first, baseline = recipes[0], recipes[-1]
+    first, baseline = list(recipes)[0], list(recipes)[-1]
     lines += ["### Against depth", "", "| blocks | " + " | ".join(f"{r} s" for r in recipes) +
               f" | {first} / {baseline} time | peak memory ratio |", "| --- |" + " --- |" * (len(recipes) + 2)]
     for depth in depths:
@@ -73,18 +102,18 @@ def summarize(runs: dict, recipes: list[str], depths: list[int], full: int) -> s
         lines.append(f"| {depth} | " + " | ".join(f"{t:.1f}" for t in totals) +
                      f" | {totals[0] / totals[-1]:.2f}x | {peaks[0] / peaks[1]:.2f}x |")
     extrapolated = {}
-    for recipe in recipes:
+    for recipe, path in recipes.items():
+        window = validation_depth(path)
         extrapolated[recipe] = sum(
             max(extrapolate(depths, [next((s["seconds"] for s in runs[recipe][str(d)]["stages"] if s["name"] == name), 0.0)
-                                     for d in depths], full), 0.0)
+                                     for d in depths], full, window, validation=name == "TAC validation"), 0.0)
             for name in stage_names)
     lines.append(f"| {full} (extrapolated) | " + " | ".join(f"{extrapolated[r]:.0f}" for r in recipes) + " | | |")
     totals = [extrapolated[r] for r in recipes]
     lines.append(f"\n{first} / {baseline} at {full} blocks (extrapolated): {totals[0] / totals[-1]:.2f}x")
-    if len(depths) > 1:
-        growth = [_total(runs[r][str(depths[-1])]) / _total(runs[r][str(depths[0])]) for r in recipes]
-        lines.append(f"time from {depths[0]} to {depths[-1]} blocks: " +
-                     ", ".join(f"{r} {g:.2f}x" for r, g in zip(recipes, growth)))
+    for low in dict.fromkeys(d for d in depths[:-1] if d in (depths[0], 2)):
+        growth = [_total(runs[r][str(depths[-1])]) / _total(runs[r][str(low)]) for r in recipes]
+        lines.append(f"time from {low} to {depths[-1]} blocks: " + ", ".join(f"{r} {g:.2f}x" for r, g in zip(recipes, growth)))
     return "\n".join(lines)
 
 
@@ -105,12 +134,13 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("results/quantize-cost"))
-    parser.add_argument("--json", type=Path, help="also write the runs and the extrapolation here")
+    parser.add_argument("--json", type=Path, help="also write the runs here (after each run)")
+    parser.add_argument("--from-json", type=Path, help="summarize the runs of an earlier --json instead of running")
     args = parser.parse_args()
     depths = sorted(args.layers)
     recipes = {r: (RECIPES / r if (RECIPES / r).is_file() else Path(r)) for r in args.recipes}
-    runs = {r: {} for r in recipes}
-    for depth in depths:
+    runs = json.loads(args.from_json.read_text())["runs"] if args.from_json else {r: {} for r in recipes}
+    for depth in [] if args.from_json else depths:
         base = base_checkpoint(args.shape, depth, args.work_dir)
         for name, recipe in recipes.items():
             runs[name][str(depth)] = quantize(base, recipe, args.work_dir / f"{args.shape}-{depth}l" / "out",
@@ -120,7 +150,7 @@ def main() -> None:
                 args.json.write_text(json.dumps({"shape": args.shape, "num_samples": args.num_samples, "runs": runs}, indent=2))
         shutil.rmtree(base.parent)  # the random checkpoint of this depth
     full = full_depth(json.loads(SHAPE_CONFIGS[args.shape].read_text()))
-    print(summarize(runs, list(recipes), depths, full))
+    print(summarize(runs, recipes, depths, full))
 
 
 if __name__ == "__main__":
