@@ -1,6 +1,6 @@
 """TACModifier: Temporal Attention Compensation for llm-compressor."""
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Literal
 
 import torch
@@ -180,7 +180,8 @@ class TACModifier(Modifier):
         return True
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self._fit(state.model)
+        with _weights_fake_quantized_once(state.model):
+            self._fit(state.model)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
@@ -432,6 +433,39 @@ class TACModifier(Modifier):
     def chosen_errors(self) -> list[dict[float, list[float]]]:
         """Per layer, each candidate strength's held-out error per bucket (`validate_on`)."""
         return [{s: list(v) for s, v in e.items()} for e in self._errors]
+
+
+@contextmanager
+def _weights_fake_quantized_once(model):
+    """While inside, the quantized linears hold their fake-quantized weights and skip
+    compressed-tensors' weight fake-quantization, which would recompute them in every forward (most
+    of a forward's time at 8B shapes on a CPU); input quantizers run as before. Exact: a weight is
+    replaced by its fake-quantization q only where fake-quantizing q gives q again, so every forward
+    sees the values it saw before and the stored integers (q / scale, rounded) are the same; the
+    others keep their per-forward fake-quantization."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    skipped, kept = [], 0
+    for module in model.modules():
+        scheme, status = getattr(module, "quantization_scheme", None), getattr(module, "quantization_status", None)
+        if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
+                or not getattr(module, "quantization_enabled", True)):
+            continue
+        quantized = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+        if torch.equal(forward_quantize(module, quantized, "weight", scheme.weights), quantized):
+            module.weight.data.copy_(quantized)
+            skipped.append((module, scheme))
+            module.quantization_scheme = scheme.model_copy(update={"weights": None})
+        else:
+            kept += 1
+    logger.info(f"TAC: {len(skipped)} quantized linears run their weights fake-quantized once"
+                + (f", {kept} fake-quantize them in every forward" if kept else ""))
+    try:
+        yield
+    finally:
+        for module, scheme in skipped:
+            module.quantization_scheme = scheme
 
 
 def _per_bucket_ratio(parts: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> list[float]:
