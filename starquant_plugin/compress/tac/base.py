@@ -231,7 +231,7 @@ class TACModifier(Modifier):
         blocks = family_of(config).block_list(model)
         by_logits = self.validate_on == "logits"
         with stage("TAC reference"):
-            reference = BlockwiseReference(reference_path, model.dtype, next(model.parameters()).device)
+            reference = BlockwiseReference(reference_path, model.dtype, next(model.parameters()).device, share=model)
         fitting = equal_length_groups(canvases, config.vocab_size)
         checking = equal_length_groups(held_out, config.vocab_size)
         for group in checking if scored else []:

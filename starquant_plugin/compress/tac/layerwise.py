@@ -172,7 +172,10 @@ class BlockwiseReference:
     the safetensors files and drops them on leaving. Runs through `entering` / `block_input` /
     `capture` like the model itself (blocks other than the loaded one are never run)."""
 
-    def __init__(self, path: str | Path, dtype: torch.dtype, device: torch.device):
+    def __init__(self, path: str | Path, dtype: torch.dtype, device: torch.device, share: torch.nn.Module | None = None):
+        """`share`: a model of the same family whose non-block parameters (embedding, final norm,
+        head) are used instead of a copy wherever they hold exactly the checkpoint's values (those
+        the quantization left alone), so the reference adds no memory for them."""
         checkpoint = check_reference(path)
         self.device, self.files = device, {name: stored.file for name, stored in checkpoint.tensors.items()}
         with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
@@ -186,7 +189,8 @@ class BlockwiseReference:
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
                     module._buffers[name] = buffer.to(device)
-        self._load(self.model, "", [n for n in outside if n in self.files])
+        shared = {} if share is None else {n: p.data for n, p in share.named_parameters(remove_duplicate=False)}
+        self._load(self.model, "", [n for n in outside if n in self.files], shared)
         self.model.tie_weights()  # a tied head has no tensor of its own
         missing = [n for n, p in self.model.named_parameters() if p.is_meta and not any(n.startswith(x) for x in self._prefixes)]
         if missing:
@@ -204,9 +208,10 @@ class BlockwiseReference:
                     if parameter is not None:
                         module._parameters[name] = torch.nn.Parameter(parameter.to("meta"), requires_grad=False)
 
-    def _load(self, module: torch.nn.Module, prefix: str, names: list[str]) -> None:
+    def _load(self, module: torch.nn.Module, prefix: str, names: list[str], shared: dict | None = None) -> None:
         """Read `names` (checkpoint keys) into `module`'s parameters (names relative to `prefix`),
-        converted to the dtype the module was built with."""
+        converted to the dtype the module was built with; a tensor of `shared` (by name) that is
+        equal to the one read is used instead of it."""
         absent = [name for name in names if name not in self.files]
         if absent:
             raise InputError(f"{Path(next(iter(self.files.values()))).parent}: the checkpoint holds no tensor {absent[0]}")
@@ -217,5 +222,10 @@ class BlockwiseReference:
                 for name in names:
                     if self.files[name] == file:
                         relative = name[len(prefix):]
-                        state[relative] = f.get_tensor(name).to(dtypes[relative]).to(self.device)
+                        tensor = f.get_tensor(name).to(dtypes[relative]).to(self.device)
+                        same = (shared or {}).get(name)
+                        if same is not None and same.dtype == tensor.dtype and same.device == tensor.device \
+                                and same.shape == tensor.shape and torch.equal(same, tensor):
+                            tensor = same
+                        state[relative] = tensor
         module.load_state_dict(state, strict=False, assign=True)
