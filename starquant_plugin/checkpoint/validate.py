@@ -50,6 +50,7 @@ class StoredTensor:
     file: Path
     dtype: str  # safetensors dtype code: F32, BF16, I8, ...
     shape: tuple[int, ...]
+    offset: int = 0  # where its bytes start in the file
 
 
 @dataclass
@@ -183,7 +184,7 @@ def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
         itemsize = _DTYPE_BYTES.get(dtype)
         if itemsize is not None and stop - start != math.prod(shape) * itemsize:
             raise InputError(f"{path}: tensor {name}: its byte range does not match shape {shape} and dtype {dtype}")
-        tensors[name] = StoredTensor(path, dtype, shape)
+        tensors[name] = StoredTensor(path, dtype, shape, 8 + length + int(start))
         end = max(end, stop)
     if size != 8 + length + end:
         state = "truncated" if size < 8 + length + end else "longer than its header describes"

@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ...checkpoint.validate import ValidatedCheckpoint, validate_checkpoint
+from ...checkpoint.validate import StoredTensor, ValidatedCheckpoint, validate_checkpoint
 from ...data import rows_per_batch
 from ...errors import InputError
 from ...models.family import family_of
@@ -177,7 +177,8 @@ class BlockwiseReference:
         head) are used instead of a copy wherever they hold exactly the checkpoint's values (those
         the quantization left alone), so the reference adds no memory for them."""
         checkpoint = check_reference(path)
-        self.device, self.files = device, {name: stored.file for name, stored in checkpoint.tensors.items()}
+        self.device, self.stored = device, checkpoint.tensors
+        self.files = {name: stored.file for name, stored in checkpoint.tensors.items()}
         with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(checkpoint.model_config, dtype=dtype).eval()
         self.blocks = family_of(self.model.config).block_list(self.model)
@@ -217,15 +218,37 @@ class BlockwiseReference:
             raise InputError(f"{Path(next(iter(self.files.values()))).parent}: the checkpoint holds no tensor {absent[0]}")
         dtypes = {n: p.dtype for n, p in module.named_parameters(remove_duplicate=False)}
         state = {}
-        for file in dict.fromkeys(self.files[n] for n in names):
+        for name in names:
+            same = (shared or {}).get(name)
+            if same is not None and same.dtype == dtypes[name[len(prefix):]] and same.device == self.device \
+                    and _equals_stored(same, self.stored[name]):
+                state[name[len(prefix):]] = same
+        rest = [name for name in names if name[len(prefix):] not in state]
+        for file in dict.fromkeys(self.files[n] for n in rest):
             with safe_open(file, "pt", device="cpu") as f:
-                for name in names:
+                for name in rest:
                     if self.files[name] == file:
                         relative = name[len(prefix):]
-                        tensor = f.get_tensor(name).to(dtypes[relative]).to(self.device)
-                        same = (shared or {}).get(name)
-                        if same is not None and same.dtype == tensor.dtype and same.device == tensor.device \
-                                and same.shape == tensor.shape and torch.equal(same, tensor):
-                            tensor = same
-                        state[relative] = tensor
+                        state[relative] = f.get_tensor(name).to(dtypes[relative]).to(self.device)
         module.load_state_dict(state, strict=False, assign=True)
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _equals_stored(tensor: torch.Tensor, stored: StoredTensor, chunk_bytes: int = 16 * 2**20) -> bool:
+    """Whether `tensor` holds exactly the stored tensor's values (converted to its dtype), read in
+    chunks with plain reads: nothing of the file stays mapped or resident."""
+    dtype = _FLOAT_DTYPES.get(stored.dtype)
+    if dtype is None or tuple(tensor.shape) != stored.shape or not tensor.is_contiguous():
+        return False
+    flat, itemsize = tensor.detach().reshape(-1), torch.empty((), dtype=dtype).element_size()
+    step = max(1, chunk_bytes // itemsize)
+    with open(stored.file, "rb") as file:
+        file.seek(stored.offset)
+        for start in range(0, flat.numel(), step):
+            count = min(step, flat.numel() - start)
+            chunk = torch.frombuffer(bytearray(file.read(count * itemsize)), dtype=dtype)
+            if not torch.equal(chunk.to(flat.dtype), flat[start:start + count].cpu()):
+                return False
+    return True
