@@ -90,7 +90,9 @@ class ModelFamily:
 
     # -- the transformers model ---------------------------------------------------------------
     def block_list(self, model: nn.Module) -> nn.ModuleList:
-        """The blocks of a transformers model of this family, in order."""
+        """The blocks of a transformers model of this family, in order. The family's forward calls
+        each block with the hidden states as its first positional argument and uses the tensor it
+        returns as the next block's input (TAC's layer-by-layer runs rely on it)."""
         return model.get_submodule(self.blocks)
 
     def block_prefix(self, index: int) -> str:

@@ -23,7 +23,7 @@ from ...quantization.runtime import attach_runtime, attach_tac_bucket_edges, seq
 from ...quantization.tac import calibrated_bucket_edges, mask_ratio_bucket, uniform_bucket_edges
 from ..recipe_check import check_session_recipe
 from ..report import stage
-from .layerwise import (BlockwiseReference, CanvasGroup, Captured, block_input, capture, check_reference, entering,
+from .layerwise import (BlockwiseReference, CanvasGroup, block_input, capture, check_reference, entering,
                         equal_length_groups)
 
 __all__ = ["REFERENCE_LOGITS_BYTES", "TACModifier"]
@@ -442,26 +442,29 @@ def _weights_fake_quantized_once(model):
     of a forward's time at 8B shapes on a CPU); input quantizers run as before. Exact: a weight is
     replaced by its fake-quantization q only where fake-quantizing q gives q again, so every forward
     sees the values it saw before and the stored integers (q / scale, rounded) are the same; the
-    others keep their per-forward fake-quantization."""
+    others keep their per-forward fake-quantization. The weights keep q afterwards (written with
+    `update_offload_parameter`, so offloaded weights are updated where they live)."""
+    from compressed_tensors.offload import update_offload_parameter
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     skipped, kept = [], 0
-    for module in model.modules():
-        scheme, status = getattr(module, "quantization_scheme", None), getattr(module, "quantization_status", None)
-        if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
-                or not getattr(module, "quantization_enabled", True)):
-            continue
-        quantized = forward_quantize(module, module.weight.data, "weight", scheme.weights)
-        if torch.equal(forward_quantize(module, quantized, "weight", scheme.weights), quantized):
-            module.weight.data.copy_(quantized)
-            skipped.append((module, scheme))
-            module.quantization_scheme = scheme.model_copy(update={"weights": None})
-        else:
-            kept += 1
-    logger.info(f"TAC: {len(skipped)} quantized linears run their weights fake-quantized once"
-                + (f", {kept} fake-quantize them in every forward" if kept else ""))
     try:
+        for module in model.modules():
+            scheme, status = getattr(module, "quantization_scheme", None), getattr(module, "quantization_status", None)
+            if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
+                    or not getattr(module, "quantization_enabled", True)):
+                continue
+            quantized = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+            if torch.equal(forward_quantize(module, quantized, "weight", scheme.weights), quantized):
+                update_offload_parameter(module, "weight", quantized)
+                if torch.equal(module.weight.data, quantized):  # as read back: written where the weight lives
+                    skipped.append((module, scheme))
+                    module.quantization_scheme = scheme.model_copy(update={"weights": None})
+                    continue
+            kept += 1
+        logger.info(f"TAC: {len(skipped)} quantized linears run their weights fake-quantized once"
+                    + (f", {kept} fake-quantize them in every forward" if kept else ""))
         yield
     finally:
         for module, scheme in skipped:

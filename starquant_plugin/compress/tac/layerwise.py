@@ -83,7 +83,15 @@ def entering(model, index: int, hidden: torch.Tensor | None, end: int | None = N
     for j in skipped:
         blocks[j] = _PassThrough()
     # Block 0 is either the block `index` or a pass-through ahead of it: injecting there is the same.
-    handle = blocks[0].register_forward_pre_hook(lambda module, args: (hidden, *args[1:])) if hidden is not None else None
+    # The family's forward passes the hidden states as a block's first positional argument and takes
+    # a tensor back (the `ModelFamily` block contract).
+    def inject(module, args):
+        if not args:
+            raise TypeError(f"{type(module).__name__} got its hidden states as a keyword; TAC's layer-by-layer "
+                            "runs need them as the first positional argument")
+        return (hidden, *args[1:])
+
+    handle = blocks[0].register_forward_pre_hook(inject) if hidden is not None else None
     try:
         yield
     finally:
@@ -190,7 +198,7 @@ class BlockwiseReference:
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
                     module._buffers[name] = buffer.to(device)
-        shared = {} if share is None else {n: p.data for n, p in share.named_parameters(remove_duplicate=False)}
+        shared = {} if share is None else _resident_parameters(share, outside)
         self._load(self.model, "", [n for n in outside if n in self.files], shared)
         self.model.tie_weights()  # a tied head has no tensor of its own
         missing = [n for n, p in self.model.named_parameters() if p.is_meta and not any(n.startswith(x) for x in self._prefixes)]
@@ -231,6 +239,24 @@ class BlockwiseReference:
                         relative = name[len(prefix):]
                         state[relative] = f.get_tensor(name).to(dtypes[relative]).to(self.device)
         module.load_state_dict(state, strict=False, assign=True)
+
+
+def _resident_parameters(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """`names` of `model`'s parameters whose module holds them itself (not offloaded: reading an
+    offloaded one makes a temporary copy, which sharing would keep)."""
+    from compressed_tensors.offload.cache import OffloadCache
+
+    resident = {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        parameter = module._parameters.get(leaf) if not isinstance(module._parameters, OffloadCache) else None
+        if parameter is not None:
+            resident[name] = parameter.data
+    return resident
 
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
