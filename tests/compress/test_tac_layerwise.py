@@ -47,3 +47,35 @@ def test_blockwise_reference_gives_the_whole_models_logits_and_shares_untouched_
 def test_reference_must_be_a_full_precision_checkpoint(tmp_path):
     with pytest.raises(InputError, match="TACModifier.reference_model.*not found"):
         BlockwiseReference(tmp_path / "missing", torch.float32, torch.device("cpu"))
+
+
+def test_weights_fake_quantized_once_is_exact_also_for_offloaded_weights(tmp_path):
+    """TAC runs the stored fake-quantized weights instead of fake-quantizing them in every forward;
+    a disk-offloaded weight (llm-compressor's sequential pipeline on a GPU) returns a fresh copy on
+    each access, so the weight must be written where it lives, or the forwards would run unquantized."""
+    from compressed_tensors.offload.module import offload_module
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from starquant_plugin.compress.tac.base import _weights_fake_quantized_once
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 16, bias=False)).to(torch.bfloat16)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": preset_name_to_scheme("W8A8", ["Linear"])}))
+    for linear in model:
+        with torch.no_grad():
+            linear.weight_scale.copy_((linear.weight.abs().amax(1, keepdim=True) / 127).to(linear.weight_scale.dtype))
+        linear.quantization_status = QuantizationStatus.FROZEN
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        offload_module(model[0], "cpu", "disk", offload_dir=str(tmp_path))
+        quantized = forward_quantize(model[0], model[0].weight.data, "weight", model[0].quantization_scheme.weights)
+        assert not torch.equal(quantized, model[0].weight.data)
+        with _weights_fake_quantized_once(model):
+            assert all(linear.quantization_scheme.weights is None for linear in model)
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        assert all(linear.quantization_scheme.weights is not None for linear in model)  # restored
+        assert torch.equal(model[0].weight.data, quantized)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
