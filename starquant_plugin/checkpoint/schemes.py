@@ -7,7 +7,12 @@ as plain dicts (`{"weights": {...}, "input_activations": {...}}`), as in `config
 
 from enum import Enum
 
-__all__ = ["describe_scheme", "sgat_scheme_problem", "unservable_reason"]
+__all__ = ["INT4_CPU_GROUPS", "PACKED_FORMAT", "describe_scheme", "sgat_scheme_problem", "unservable_reason"]
+
+PACKED_FORMAT = "pack-quantized"
+# Weight group sizes of torch's packed int4 CPU GEMM (`_weight_int4pack_mm_for_cpu`), which serves
+# int4 weights with quantized activations on CPU (serving/quantization/config.py).
+INT4_CPU_GROUPS = (32, 64, 128, 256)
 
 
 def _value(value):
@@ -52,12 +57,14 @@ def sgat_scheme_problem(scheme: dict) -> str | None:
     return None
 
 
-def unservable_reason(scheme: dict, sgat_site: bool) -> str | None:
-    """Why the starquant vLLM plugin cannot serve a linear quantized with `scheme` (None: it can).
+def unservable_reason(scheme: dict, sgat_site: bool, on_cpu: bool | None = None) -> str | None:
+    """Why the starquant vLLM plugin cannot serve a linear quantized with `scheme` (None: it can;
+    `on_cpu`: the serving device, None when not known yet: the reasons that hold on both).
 
     Served: int8 per-channel or int4 grouped weights with dynamic per-token int8 activations
-    (W8A8, W4A8); int4 grouped weights with dynamic per-token int4 activations (W4A4) at SGAT
-    sites, whose 4-bit codes SGAT's quantizer produces (CPU: the plugin's packed-int4 GEMM); and
+    (W8A8, W4A8); int4 grouped weights with dynamic per-token int4 activations (W4A4), on CPU by
+    the plugin's packed-int4 GEMM fed 4-bit codes (SGAT's at its sites, plain per-token ones
+    elsewhere), on CUDA by vLLM's WNA4Int scheme, which reads `pack-quantized` weights; and
     weight-only int8/int4 (WNA16) outside SGAT sites (LM head, embedding).
     """
     weights, activations = _args(scheme, "weights"), _args(scheme, "input_activations")
@@ -73,9 +80,14 @@ def unservable_reason(scheme: dict, sgat_site: bool) -> str | None:
         return f"int{weights['num_bits']} {weights.get('strategy')} weights with activations are not served (W8A8 is per channel, W4A8 per group)"
     if activations.get("type") != "int" or activations["num_bits"] not in (4, 8):
         return f"{activations.get('type')}{activations['num_bits']} activations are not served"
-    if activations["num_bits"] == 4 and not (sgat_site and weights["num_bits"] == 4):
-        return ("int4 activations are served at SGAT sites with int4 weights only (vLLM's own int4-activation "
-                "kernel is GPU-only)")
+    if activations["num_bits"] == 4 and weights["num_bits"] != 4:
+        return "int4 activations are served with int4 weights only"
     if not activations.get("dynamic") or activations.get("strategy") != "token":
         return "only dynamic per-token activation quantization is served"
+    if on_cpu is False and activations["num_bits"] == 4 and _value(scheme.get("format")) != PACKED_FORMAT:
+        return (f"vLLM's int4-activation scheme (WNA4Int) reads {PACKED_FORMAT} weights, this layer is stored "
+                f"{_value(scheme.get('format'))} (quantize it again with `starquant quantize`, which packs 4-bit weights)")
+    if on_cpu and weights["num_bits"] == 4 and weights.get("group_size") not in INT4_CPU_GROUPS:
+        return (f"the CPU int4 GEMM takes weight groups of {', '.join(map(str, INT4_CPU_GROUPS))}, this layer's are "
+                f"{weights.get('group_size')}")
     return None

@@ -66,6 +66,8 @@ class ValidatedCheckpoint:
         schemes: quantized module name -> its compressed-tensors scheme, as config.json writes it.
         starquant_shapes: STaR-Quant tensor name -> shape (attached after loading, not by transformers).
         transform_tensors: stored online-transform matrices (attached after loading, not by transformers).
+        packed_shapes: `pack-quantized` module name -> its weight's (out, in) shape, which the stored
+            `weight_shape` must hold (the packed tensor alone does not say how many values it holds).
     """
 
     directory: Path
@@ -77,6 +79,7 @@ class ValidatedCheckpoint:
     schemes: dict[str, dict] = field(default_factory=dict)
     starquant_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     transform_tensors: frozenset[str] = frozenset()
+    packed_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -111,6 +114,7 @@ def validate_checkpoint(directory: str | Path, with_tokenizer: bool = True) -> V
     checkpoint = ValidatedCheckpoint(directory, config, model_config, starquant, tokenizer, tensors)
     expected = _expected_tensors(checkpoint)
     _compare(checkpoint, expected)
+    _check_packed_shapes(checkpoint)
     return checkpoint
 
 
@@ -271,6 +275,9 @@ def _expected_tensors(checkpoint: ValidatedCheckpoint) -> dict[str, tuple[tuple[
             if getattr(module, "quantization_scheme", None) is not None
         }
         _check_activation_schemes(checkpoint)
+        checkpoint.packed_shapes = {
+            name: _weight_shape(module) for name, module in model.named_modules() if hasattr(module, "weight_packed") and hasattr(module, "weight_shape")
+        }
     expected = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in model.state_dict().items()}
     online = online_transform_config(checkpoint.config, checkpoint.config_path)
     if online is not None:
@@ -371,9 +378,39 @@ def _compare(checkpoint: ValidatedCheckpoint, expected: dict[str, tuple[tuple[in
         tensor = stored[name]
         if tensor.shape != shape:
             raise InputError(f"{tensor.file}: tensor {name} has shape {tensor.shape}, expected {shape}")
-        if _is_float(tensor.dtype) != dtype.is_floating_point:
+        # Floats may be stored at another precision; integer codes must have the exact type
+        # (a packed tensor's words hold 32 / bits values; int8 codes are not int32 words).
+        if _is_float(tensor.dtype) != dtype.is_floating_point or (
+            not dtype.is_floating_point and _INTEGER_CODES.get(dtype, tensor.dtype) != tensor.dtype
+        ):
             wanted = str(dtype).removeprefix("torch.")
             raise InputError(f"{tensor.file}: tensor {name} is {tensor.dtype}, expected {wanted}")
+
+
+def _weight_shape(module: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
+
+
+_INTEGER_CODES = {torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8"}
+
+
+def _check_packed_shapes(checkpoint: ValidatedCheckpoint) -> None:
+    """Each `pack-quantized` module's stored `weight_shape` names its weight's shape (read from the
+    file: two integers). A wrong one would unpack another number of values per row."""
+    for module, shape in checkpoint.packed_shapes.items():
+        tensor = checkpoint.tensors[f"{module}.weight_shape"]
+        with open(tensor.file, "rb") as f:
+            f.seek(tensor.offset)
+            data = f.read(2 * _DTYPE_BYTES[tensor.dtype])
+        stored = tuple(torch.frombuffer(bytearray(data), dtype=_TORCH_INTEGERS[tensor.dtype]).tolist())
+        if stored != shape:
+            raise InputError(f"{tensor.file}: tensor {module}.weight_shape holds {list(stored)}, expected "
+                             f"{list(shape)} (the shape of {module}.weight, packed in {module}.weight_packed)")
+
+
+_TORCH_INTEGERS = {code: dtype for dtype, code in _INTEGER_CODES.items()}
 
 
 def _is_float(code: str) -> bool:

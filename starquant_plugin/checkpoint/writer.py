@@ -16,10 +16,11 @@ from torch import nn
 from ..errors import InputError
 from ..models.family import family_of
 from .config import SGATSettings, StarQuantConfig, TACSettings
+from .schemes import PACKED_FORMAT
 
 __all__ = [
-    "atomic_output_dir", "check_output_dir", "install_save_hook", "record_results", "starquant_config_of",
-    "write_starquant_config",
+    "atomic_output_dir", "check_output_dir", "install_save_hook", "pack_low_bit_weights",
+    "record_results", "starquant_config_of", "write_starquant_config",
 ]
 
 
@@ -58,6 +59,29 @@ def write_starquant_config(directory: str | Path, block: StarQuantConfig) -> Non
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(config, indent=2) + "\n")
     temporary.replace(path)
+
+
+def pack_low_bit_weights(model: nn.Module) -> list[str]:
+    """Have integer weights of fewer than 8 bits stored packed (compressed-tensors `pack-quantized`:
+    32 / bits values per int32) wherever the recipe's scheme names no `format`. Left to infer it,
+    compressed-tensors writes W4A8 and W4A4 `int-quantized`, one int8 per 4-bit value: as large on
+    disk as W8. Call before the compressing save; returns the modules switched."""
+    switched = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        weights = getattr(scheme, "weights", None)
+        activations = getattr(scheme, "input_activations", None)
+        if weights is None or scheme.format is not None or _value(weights.type) != "int" or weights.num_bits >= 8:
+            continue
+        if activations is not None and _value(activations.type) != "int":
+            continue  # float activations: not a pack-quantized scheme
+        scheme.format = PACKED_FORMAT
+        switched.append(name)
+    return switched
+
+
+def _value(field):
+    return getattr(field, "value", field)
 
 
 def install_save_hook(model: nn.Module) -> None:

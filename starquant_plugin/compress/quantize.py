@@ -5,7 +5,6 @@ import random
 import time
 import warnings
 from functools import wraps
-from types import MethodType
 from pathlib import Path
 
 import psutil
@@ -13,7 +12,7 @@ import yaml
 from loguru import logger
 
 from ..checkpoint import atomic_output_dir
-from ..checkpoint.writer import check_output_dir
+from ..checkpoint.writer import check_output_dir, pack_low_bit_weights
 from ..checkpoint.config import describe_validation_error
 from ..data import load_calibration_records, masked_calibration_samples
 from ..loading import load as load_checkpoint
@@ -93,17 +92,25 @@ def tensor_parallel_sizes(checkpoint: Path, sizes: tuple[int, ...] = (2, 4, 8)) 
     return problems
 
 
-def _time_saves(model, report: QuantizeReport) -> None:
-    """Record `model.save_pretrained` (called by oneshot) as the stage `save`. A bound method, as
-    llm-compressor wraps it again and reads its `__self__`."""
-    save = model.save_pretrained
+def _install_save(model) -> None:
+    """oneshot's save: llm-compressor's compressing `save_pretrained`, installed here (oneshot
+    keeps a save marked `_overridden`), with low-bit weights packed first (`pack_low_bit_weights`)
+    and the whole of it timed as the stage `save`."""
+    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 
-    @wraps(save.__func__)
-    def save_pretrained(self, *args, **kwargs):
+    modify_save_pretrained(model)
+    compressed_save = model.save_pretrained
+
+    @wraps(compressed_save)
+    def save_pretrained(*args, **kwargs):
         with stage("save"):
-            return save(*args, **kwargs)
+            packed = pack_low_bit_weights(model)
+            if packed:
+                logger.info(f"writing {len(packed)} linears' low-bit weights pack-quantized")
+            return compressed_save(*args, **kwargs)
 
-    model.save_pretrained = MethodType(save_pretrained, model)
+    save_pretrained._overridden = True
+    model.save_pretrained = save_pretrained
 
 
 def _stage_table(report: QuantizeReport, total: float, oneshot: float) -> list[dict]:
@@ -169,7 +176,7 @@ def quantize(
                 max_length=model.config.max_position_embeddings, seed=seed,
             )
         logger.info(f"calibrating on {len(samples)} masked canvases from {len(records)} records of {dataset}")
-        _time_saves(model, report)
+        _install_save(model)
         with atomic_output_dir(output, overwrite=overwrite) as staging:
             oneshot_started = time.perf_counter()
             with report.stage("oneshot"):

@@ -6,7 +6,7 @@ first. They read a validated checkpoint (`checkpoint.validate_checkpoint`) and i
 """
 
 from ..checkpoint import ValidatedCheckpoint
-from ..checkpoint.schemes import describe_scheme, unservable_reason
+from ..checkpoint.schemes import PACKED_FORMAT, describe_scheme, unservable_reason
 from ..checkpoint.validate import meta_model
 from ..errors import InputError
 from ..quantization.hadamard import rotation_block_for
@@ -20,8 +20,11 @@ def check_servable(checkpoint: ValidatedCheckpoint, tensor_parallel_size: int, o
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise InputError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
     sgat_linears = {name.rsplit(".", 1)[0] for name in checkpoint.starquant_shapes if name.endswith(".sgat_shift")}
+    model = meta_model(checkpoint.model_config)
     for name, scheme in checkpoint.schemes.items():
-        reason = unservable_reason(scheme, sgat_site=name in sgat_linears)
+        reason = unservable_reason(scheme, sgat_site=name in sgat_linears, on_cpu=on_cpu)
+        if reason is None and on_cpu:
+            reason = _cpu_int4_shape_problem(scheme, model.get_submodule(name))
         if reason is not None:
             raise InputError(f"{checkpoint.config_path}: quantization_config quantizes {name} as "
                              f"{describe_scheme(scheme)}, which the vLLM backend cannot serve: {reason}")
@@ -34,6 +37,21 @@ def check_servable(checkpoint: ValidatedCheckpoint, tensor_parallel_size: int, o
                    if tensor_parallel_problem(checkpoint, size) is None]
         raise InputError(f"{checkpoint.config_path}: tensor_parallel_size={tensor_parallel_size}: {problem}; "
                          f"sizes that work: {', '.join(map(str, working))}")
+
+
+def _cpu_int4_shape_problem(scheme: dict, module) -> str | None:
+    """On CPU, int4 weights with quantized activations run torch's packed int4 GEMM (output width a
+    multiple of 8, input width of 64); vLLM builds `pack-quantized` ones with a kernel that also
+    needs both widths to be multiples of 32 (None: the layer fits)."""
+    weights, activations = scheme.get("weights") or {}, scheme.get("input_activations")
+    if weights.get("num_bits") != 4 or activations is None:
+        return None
+    out_features, in_features = module.out_features, module.in_features
+    packed = scheme.get("format") == PACKED_FORMAT
+    if out_features % (32 if packed else 8) or in_features % 64:
+        return (f"the CPU int4 GEMM needs an output width that is a multiple of {32 if packed else 8} and an input "
+                f"width that is a multiple of 64, this layer is {in_features} -> {out_features}")
+    return None
 
 
 def tensor_parallel_problem(checkpoint: ValidatedCheckpoint, size: int) -> str | None:

@@ -74,7 +74,6 @@ def test_decoding_bench_reports_steps_and_exact_match(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--variants", "w4a4"], "plain W4A4 has no CPU kernel in vLLM"),
         (["--variants", "bf16,fp3"], "unknown fp3"),
         (["--canvas", "100"], "must be a multiple of 32"),
         (["--canvas", "1024", "--variants", "bf16"], "longer than the model's 512 positions (max_position_embeddings)"),

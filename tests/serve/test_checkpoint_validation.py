@@ -85,7 +85,7 @@ def test_tensor_parallel_check_on_the_brief_shape(starquant_w8a8_checkpoint, tmp
 @pytest.mark.parametrize(
     "scheme, reason",
     [
-        ({"num_bits": 4}, r"W8A4 .*int4 activations are served at SGAT sites with int4 weights only"),
+        ({"num_bits": 4}, r"W8A4 .*int4 activations are served with int4 weights only"),
         ({"type": "float"}, r"W8A8 .*float8 activations .*only dynamic per-token integer activation quantization"),
     ],
 )

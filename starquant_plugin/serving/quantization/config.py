@@ -54,8 +54,10 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...checkpoint.config import StarQuantConfig as StarQuantBlock
-from ...models.family import family_of
+from ...checkpoint.schemes import INT4_CPU_GROUPS
+from ...models.family import family_of, known_model_types
 from ...quantization.hadamard import rotation_block_for
+from ...quantization.quantizers import quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
 from .context import current_token_context
@@ -90,17 +92,27 @@ class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None):
-        if hf_config is None or getattr(hf_config, "starquant_config", None) is None:
+        if hf_config is None or hf_quant_cfg.get("quant_method") != "compressed-tensors":
             return None
-        if hf_quant_cfg.get("quant_method") != "compressed-tensors" or user_quant not in (None, STARQUANT_METHOD):
+        if user_quant not in (None, STARQUANT_METHOD):
             return None
-        return STARQUANT_METHOD
+        if getattr(hf_config, "starquant_config", None) is not None:
+            return STARQUANT_METHOD
+        # Plain compressed-tensors checkpoints of a family served here, with int4 weights and
+        # quantized activations: on CPU vLLM would run them unquantized activations (see the module docstring).
+        groups = (hf_quant_cfg.get("config_groups") or {}).values()
+        if getattr(hf_config, "model_type", None) in known_model_types() and any(
+            _int4_weights_with_activations(g.get("weights"), g.get("input_activations")) for g in groups
+        ):
+            return STARQUANT_METHOD
+        return None
 
     def _get_scheme_from_parts(self, weight_quant, input_quant, output_quant=None, format=None, layer_name=None):
-        # W4A4 at an SGAT site on CPU: vLLM's int4-activation scheme (WNA4Int) has GPU kernels only.
-        # The W4A8 scheme holds the same int4 weights; `StarQuantLinearMethod` repacks them and feeds
-        # the packed-int4 GEMM SGAT's 4-bit activation codes, so the integer math is W4A4's.
-        if _is_int4_activation_sgat_site(weight_quant, input_quant, layer_name) and not torch.cuda.is_available():
+        # int4 weights with int4 activations on CPU: vLLM's int4-activation scheme (WNA4Int) has GPU
+        # kernels only. The W4A8 scheme (`int-quantized`: W4A8Int; `pack-quantized`: WNA8Int) holds the
+        # same int4 weights; `StarQuantLinearMethod` repacks them and feeds the packed-int4 GEMM
+        # 4-bit activation codes (SGAT's, or plain per-token ones), so the integer math is W4A4's.
+        if not torch.cuda.is_available() and _int4_weights_with_activations(weight_quant, input_quant, bits=4):
             input_quant = input_quant.model_copy(update={"num_bits": 8})
         return super()._get_scheme_from_parts(weight_quant, input_quant, output_quant, format, layer_name)
 
@@ -108,20 +120,21 @@ class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
         method = super().get_quant_method(layer, prefix)
         if type(method) is CompressedTensorsEmbeddingWNA16Int:  # adds the CPU lookup
             return WNA16EmbeddingMethod(self.get_scheme_dict(layer, layer_name=prefix)["weights"])
-        site = _site(prefix)
-        if site is None or not isinstance(method, LinearMethodBase):
+        if not isinstance(method, LinearMethodBase):
             return method
         from vllm.config import get_current_vllm_config
 
         config = get_current_vllm_config().model_config.hf_config
         if not hasattr(self, "_starquant"):  # parsed once, not once per layer
             self._starquant = _starquant_block(config)
-        block = self._starquant
-        if block is None:
+        site = _site(prefix)
+        block = self._starquant if site is not None else None
+        scheme = self.get_scheme_dict(layer, layer_name=prefix) or {}
+        weights, activations = scheme.get("weights"), scheme.get("input_activations")
+        cpu_int4 = not torch.cuda.is_available() and _int4_weights_with_activations(weights, activations)
+        if block is None and not cpu_int4:
             return method
-        scheme = self.get_scheme_dict(layer, layer_name=prefix)
-        activations = scheme.get("input_activations") if scheme else None
-        if activations is not None and not (activations.dynamic and str(getattr(activations.strategy, "value", activations.strategy)) == "token"):
+        if activations is not None and not (activations.dynamic and _value(activations.strategy) == "token"):
             raise ValueError(
                 f"{prefix}: STaR-Quant needs dynamic per-token activation quantization, got "
                 f"strategy={activations.strategy} dynamic={activations.dynamic}"
@@ -130,24 +143,26 @@ class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
             method,
             block,
             activation_bits=activations.num_bits if activations is not None else None,
-            tac=block.tac is not None and site == family_of(config).tac_site,
+            tac=block is not None and block.tac is not None and site == family_of(config).tac_site,
             # Where D could not be folded upstream, as the checkpoint records it.
-            online_smoothing=block.sgat is not None and site in block.sgat.online_sites(config),
+            online_smoothing=block is not None and block.sgat is not None and site in block.sgat.online_sites(config),
         )
 
 
-def _is_int4_activation_sgat_site(weight_quant, input_quant, layer_name: str | None) -> bool:
-    """int4 weights and dynamic per-token int4 activations on a linear of a block whose checkpoint has SGAT."""
-    if weight_quant is None or input_quant is None or _site(layer_name) is None:
-        return False
-    from vllm.config import get_current_vllm_config
+def _value(field):
+    return getattr(field, "value", field)
 
-    block = _starquant_block(get_current_vllm_config().model_config.hf_config)
-    strategy = str(getattr(input_quant.strategy, "value", input_quant.strategy))
+
+def _int4_weights_with_activations(weights, activations, bits: int | None = None) -> bool:
+    """int4 weights with dynamic per-token int activations (of `bits` bits, if given); the
+    arguments are compressed-tensors `QuantizationArgs` or their dicts (a config group's)."""
+    if weights is None or activations is None:
+        return False
+    get = (lambda args, key: args.get(key)) if isinstance(weights, dict) else getattr
     return (
-        block is not None and block.sgat is not None and weight_quant.num_bits == 4 and input_quant.num_bits == 4
-        and str(getattr(input_quant.type, "value", input_quant.type)) == "int" and input_quant.dynamic
-        and strategy == "token"
+        _value(get(weights, "type")) == "int" and get(weights, "num_bits") == 4
+        and _value(get(activations, "type")) == "int" and bool(get(activations, "dynamic"))
+        and _value(get(activations, "strategy")) == "token" and (bits is None or get(activations, "num_bits") == bits)
     )
 
 
@@ -215,14 +230,16 @@ def _replicated_loader(param: Parameter, loaded: torch.Tensor, shard_id=None) ->
 
 @register_weight_loader_v2_supported_method
 class StarQuantLinearMethod(LinearMethodBase):
-    """A compressed-tensors (or unquantized) linear method with SGAT/TAC around it."""
+    """A compressed-tensors (or unquantized) linear method with SGAT/TAC around it (`block`: the
+    checkpoint's starquant_config at an SGAT site, None elsewhere), and on CPU the packed int4
+    GEMM for int4 weights with quantized activations."""
 
-    def __init__(self, inner: LinearMethodBase, block: StarQuantBlock, activation_bits: int | None,
+    def __init__(self, inner: LinearMethodBase, block: StarQuantBlock | None, activation_bits: int | None,
                  tac: bool, online_smoothing: bool):
         self.inner = inner
         self.block = block
         self.activation_bits = activation_bits
-        self.sgat = block.sgat is not None
+        self.sgat = block is not None and block.sgat is not None
         self.tac = tac
         self.online_smoothing = online_smoothing and self.sgat
 
@@ -262,12 +279,17 @@ class StarQuantLinearMethod(LinearMethodBase):
             layer.register_buffer("tac_bucket_edges", edges, persistent=False)
 
     def process_weights_after_loading(self, layer) -> None:
-        self.int4_group = _pack_cpu_int4(layer) if self.sgat and self.activation_bits in (4, 8) else None
-        if self.activation_bits == 4 and self.int4_group is None and not torch.cuda.is_available():
-            # vLLM's W4A8 kernel would quantize the 4-bit codes again to 8 bits: W4A8, not W4A4.
+        self.int4_group = _pack_cpu_int4(layer) if self.activation_bits in (4, 8) else None
+        scheme = type(getattr(layer, "scheme", None)).__name__
+        if self.int4_group is None and not layer_is_cuda(layer) and (
+            self.activation_bits == 4 or scheme in _WEIGHT_ONLY_KERNEL_ON_CPU
+        ):
+            # W4A4: vLLM's W4A8 kernel would quantize 4-bit codes again to 8 bits (W4A8, not W4A4).
+            # pack-quantized int4: vLLM's CPU kernel for those schemes does not quantize activations.
             raise ValueError(
-                f"{layer.prefix}: W4A4 on CPU needs the packed int4 GEMM (group size in {_INT4PACK_GROUPS}, output "
-                f"width a multiple of 8, input width a multiple of 64); this layer does not fit it"
+                f"{layer.prefix}: int4 weights with {self.activation_bits}-bit activations on CPU need the packed int4 "
+                f"GEMM (group size in {INT4_CPU_GROUPS}, output width a multiple of 8, input width a multiple of "
+                "64); this layer does not fit it"
             )
         if self.int4_group is None:
             self.inner.process_weights_after_loading(layer)
@@ -282,7 +304,7 @@ class StarQuantLinearMethod(LinearMethodBase):
                 param.data = param.data.to(self.params_dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        context = current_token_context()
+        context = current_token_context() if self.tac or self.sgat else None
         if self.tac:
             buckets = context.buckets(layer.tac_bucket_edges)
             x = torch.ops.starquant.tac(x, buckets, layer.tac_matrices, layer.tac_offsets)
@@ -305,6 +327,9 @@ class StarQuantLinearMethod(LinearMethodBase):
             else:
                 site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
                 x = sgat_transform_input(x, context.states, site)
+        elif self.int4_group is not None:  # plain per-token activation codes (no SGAT here)
+            codes, scales = quantize_per_token(x.float(), self.activation_bits)
+            return _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
         output = self.inner.apply(layer, x, bias)
         if self.sgat and self.add_compensation:
             output = output + layer.sgat_compensation[context.states]
@@ -334,28 +359,42 @@ def _onednn_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor,
     return output.reshape(*shape[:-1], kernel.dnnl_handler.n)
 
 
-_INT4PACK_GROUPS = (32, 64, 128, 256)
+# int4-weight schemes whose CPU kernel (vLLM's CPUWNA16) ignores the activation quantization.
+_WEIGHT_ONLY_KERNEL_ON_CPU = ("CompressedTensorsWNA8Int", "CompressedTensorsWNA4Int")
+
+
+def layer_is_cuda(layer) -> bool:
+    return any(p.is_cuda for p in layer.parameters(recurse=False))
 
 
 def _pack_cpu_int4(layer) -> int | None:
-    """Repack a CPU W4A8 layer's int4 weights (int8 values in [-8, 7]) two per byte with bf16
-    group scales, freeing vLLM's copies; returns the group size, or None where this path does
-    not apply (GPU, another kernel, unsupported shapes) and vLLM's kernel is kept."""
+    """Repack a CPU layer's int4 weights two per byte with bf16 group scales (torch's
+    `_weight_int4pack_mm_for_cpu` layout), freeing vLLM's copies; returns the group size, or None
+    where this path does not apply (GPU, another scheme, unsupported shapes) and vLLM's kernel is
+    kept. The weights come as vLLM's W4A8Int holds them (`int-quantized`: int8 values in [-8, 7])
+    or as WNA8Int does (`pack-quantized`: eight values per int32, unpacked with compressed-tensors'
+    own `unpack_from_int32`)."""
     scheme = getattr(layer, "scheme", None)
-    if type(scheme).__name__ != "CompressedTensorsW4A8Int" or type(getattr(scheme, "kernel", None)).__name__ != "Dynamic4bitLinearKernel":
+    kernel = type(getattr(scheme, "kernel", None)).__name__
+    name = type(scheme).__name__
+    if not (name == "CompressedTensorsW4A8Int" and kernel == "Dynamic4bitLinearKernel"
+            or name == "CompressedTensorsWNA8Int" and kernel == "CPUWNA16LinearKernel" and scheme.num_bits == 4):
         return None
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return None
     weight, weight_scale = layer.weight_packed.data, layer.weight_scale.data
+    if weight.dtype == torch.int32:
+        n, k = weight.shape[0], weight.shape[1] * 8
+        weight = unpack_from_int32(weight, 4, torch.Size((n, k)))
     n, k = weight.shape
     group = k // weight_scale.shape[1]
-    if group not in _INT4PACK_GROUPS or group * weight_scale.shape[1] != k or n % 8 or k % 64:
+    if group not in INT4_CPU_GROUPS or group * weight_scale.shape[1] != k or n % 8 or k % 64:
         return None
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight.int() + 8).contiguous(), 2)
     scales = weight_scale.t().to(torch.bfloat16)  # [k / group, n]
     # The kernel computes (q - 8) * scale + zero for the stored q = w + 8: zero 0 gives w * scale.
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
-    for name in ("weight", "weight_packed", "weight_scale"):
+    for name in ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
         if name in layer._parameters:
             layer._parameters[name] = None
     layer.register_parameter("starquant_int4", Parameter(packed, requires_grad=False))
