@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: compare-dream compare-dream-second-model compare-second-model setup setup-compress setup-serve demo compare bench test test-compress test-serve clean
+.PHONY: compare-dream compare-dream-second-model compare-second-model setup setup-compress setup-serve demo compare bench gpu-check gpu-wheels test test-compress test-serve clean
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
@@ -74,6 +74,23 @@ compare-dream-second-model: setup-compress
 bench: setup
 	OMP_NUM_THREADS=$$(nproc) $(SERVE)/bin/starquant bench --shape llada-8b --layers 2 --canvas 512 --batch 1 \
 		--json results/bench_llada8b.json
+
+# On a GPU machine that has only torch and Triton (its python3; no vLLM): Triton ops vs torch,
+# an SGAT-fed int8 GEMM vs a bf16 linear at LLaDA-8B shapes, the core eval on CUDA vs CPU
+# (scripts/gpu_check.py; docs/performance.md, "GPU check"). About 3 min on an H200.
+# Its python3 lacks pydantic and loguru (and compressed-tensors, for quantized checkpoints):
+# `make gpu-wheels` here downloads them to .whl/, installed there first when present.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+		--target /tmp/starquant-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/starquant-site $(PYTHON) scripts/gpu_check.py --json results/gpu-check.json $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 loguru==0.7.3 \
+		compressed-tensors==0.17.0
 
 test: test-compress test-serve
 

@@ -345,8 +345,8 @@ def run_quantize(args: argparse.Namespace) -> None:
     print(
         f"wrote {summary['output']}: schemes {', '.join(summary['schemes']) or 'none'}"
         f"{'; STaR-Quant ' + '+'.join(summary['starquant']) if summary['starquant'] else ''}; "
-        f"weights {summary['weights_bytes'] / 2**20:.2f} MiB (from {summary['original_weights_bytes'] / 2**20:.2f} MiB, "
-        f"{ratio:.2f}x smaller); {summary['seconds']} s"
+        f"weights on disk {summary['weights_bytes'] / 2**20:.2f} MiB (from {summary['original_weights_bytes'] / 2**20:.2f} MiB, "
+        f"{ratio:.2f}x smaller{'; ' + ', '.join(summary['formats']) if summary['formats'] else ''}); {summary['seconds']} s"
     )
     print("stage                            seconds  peak memory (MiB)")
     for row in summary["stages"]:

@@ -66,17 +66,20 @@ def pack_low_bit_weights(model: nn.Module) -> list[str]:
     32 / bits values per int32) wherever the recipe's scheme names no `format`. Left to infer it,
     compressed-tensors writes W4A8 and W4A4 `int-quantized`, one int8 per 4-bit value: as large on
     disk as W8. Call before the compressing save; returns the modules switched."""
-    switched = []
+    switched, schemes = [], set()  # config groups share one scheme object between their modules
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         weights = getattr(scheme, "weights", None)
         activations = getattr(scheme, "input_activations", None)
-        if weights is None or scheme.format is not None or _value(weights.type) != "int" or weights.num_bits >= 8:
+        if weights is None or _value(weights.type) != "int" or weights.num_bits >= 8:
             continue
         if activations is not None and _value(activations.type) != "int":
             continue  # float activations: not a pack-quantized scheme
-        scheme.format = PACKED_FORMAT
-        switched.append(name)
+        if scheme.format is None:
+            scheme.format = PACKED_FORMAT
+            schemes.add(id(scheme))
+        if id(scheme) in schemes:
+            switched.append(name)
     return switched
 
 

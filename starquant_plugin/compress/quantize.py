@@ -205,9 +205,11 @@ def quantize(
         f"W{g['weights']['num_bits']}A{(g.get('input_activations') or {}).get('num_bits', 16)}"
         for g in groups.values() if g.get("weights")
     })
+    formats = sorted({g["format"] for g in groups.values() if g.get("weights") and g.get("format")})
     return {
         "output": str(output),
         "schemes": bits,
+        "formats": formats,  # compressed-tensors storage formats of the weight groups (pack-quantized: 4-bit packed)
         "starquant": sorted(k for k in ("sgat", "tac") if (saved.get("starquant_config") or {}).get(k)),
         "core_only": recipe_check.core_only,
         "tensor_parallel": tensor_parallel,
