@@ -143,13 +143,28 @@ def machine_info(threads: int | None = None) -> dict:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
         flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split())
-        info["cpu_isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+        info["cpu_isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                           if f in flags]
     except (OSError, StopIteration):
-        pass
+        flags = set()
     import torch
 
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["hardware_precisions"] = hardware_precisions(flags)
     return info
+
+
+def hardware_precisions(cpu_flags: set[str]) -> dict[str, bool]:
+    """Which precisions the machine computes in hardware (the GPU's where there is one): bf16 dot
+    products (CPU: AVX512-BF16 or AMX-BF16; GPU: compute capability >= 8.0), int8 dot products
+    (CPU: VNNI or AMX-INT8; GPU: >= 7.5). fp32 always. Without bf16 units a bf16 model is emulated."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"fp32": True, "bf16": major >= 8, "int8": (major, minor) >= (7, 5)}
+    return {"fp32": True, "bf16": bool(cpu_flags & {"avx512_bf16", "amx_bf16"}),
+            "int8": bool(cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
 
 
 def versions() -> dict:
@@ -177,6 +192,7 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
     if too_long:
         raise ValueError(f"--canvas {too_long}: longer than the model's {longest} positions (max_position_embeddings)")
     rows, threads = [], None
+    layers, depth = build_config(config).num_hidden_layers, _full_depth(settings.shape, config)
     dtype = "float32" if variant == "fp32" else "bfloat16"
     llm = DiffusionLLM(checkpoint, dtype=dtype, max_batch_size=max(settings.batches), max_model_len=max(settings.canvases))
     try:
@@ -188,9 +204,15 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
                                         settings.logits_window, settings.seed)
                 threads = timed["threads"]
                 latency = statistics.median(timed["seconds"])
-                logger.info(f"{variant} canvas {canvas} batch {batch}: {latency * 1e3:.1f} ms/step")
-                rows.append({"variant": variant, "shape": settings.shape, "layers": build_config(config).num_hidden_layers, "canvas": canvas,
+                in_blocks = statistics.median(timed["block_seconds"])
+                # Per block x the model's full depth + what is outside the blocks (embedding, head, sampler).
+                full_depth_latency = latency - in_blocks + in_blocks / layers * depth
+                logger.info(f"{variant} canvas {canvas} batch {batch}: {latency * 1e3:.1f} ms/step "
+                            f"({full_depth_latency:.2f} s at {depth} blocks)")
+                rows.append({"variant": variant, "shape": settings.shape, "layers": layers, "canvas": canvas,
                              "batch": batch, "step_latency_s": latency, "step_seconds": timed["seconds"],
+                             "block_latency_s": in_blocks / layers, "full_depth": depth,
+                             "step_latency_full_depth_s": full_depth_latency,
                              "tokens_per_s": batch * (gen_length / params.steps) / latency})
         released = llm.release_weights()
     finally:
@@ -218,29 +240,44 @@ def run_bench(settings: BenchSettings) -> dict:
             "results": results}
 
 
+FULL_PRECISION = ("bf16", "fp32")
+
+
 def _add_ratios(results: list[dict]) -> None:
-    """speedup and memory ratios against bf16 at the same canvas and batch (when bf16 ran)."""
-    baseline = {(r["canvas"], r["batch"]): r for r in results if r["variant"] == "bf16"}
+    """Speed-ups against bf16 and fp32 at the same canvas and batch (where they ran), and the
+    headline: against the faster of the two at the model's full depth (`fastest_full_precision`);
+    memory and checkpoint ratios against bf16."""
     for row in results:
-        base = baseline.get((row["canvas"], row["batch"]))
-        if base is None:
-            continue
-        row["speedup_vs_bf16"] = base["step_latency_s"] / row["step_latency_s"]
-        row["memory_ratio_vs_bf16"] = base["weight_bytes_full_depth"] / row["weight_bytes_full_depth"]
-        row["checkpoint_ratio_vs_bf16"] = base["checkpoint_bytes"] / row["checkpoint_bytes"]
+        same = {r["variant"]: r for r in results if (r["canvas"], r["batch"]) == (row["canvas"], row["batch"])}
+        for name in FULL_PRECISION:
+            if name in same:
+                row[f"speedup_vs_{name}"] = same[name]["step_latency_s"] / row["step_latency_s"]
+        baselines = [same[name] for name in FULL_PRECISION if name in same]
+        if baselines:
+            fastest = min(baselines, key=lambda r: r["step_latency_full_depth_s"])
+            row["fastest_full_precision"] = fastest["variant"]
+            row["speedup_vs_fastest_full_precision"] = fastest["step_latency_full_depth_s"] / row["step_latency_full_depth_s"]
+        if "bf16" in same:
+            row["memory_ratio_vs_bf16"] = same["bf16"]["weight_bytes_full_depth"] / row["weight_bytes_full_depth"]
+            row["checkpoint_ratio_vs_bf16"] = same["bf16"]["checkpoint_bytes"] / row["checkpoint_bytes"]
 
 
 def format_table(report: dict) -> str:
     machine = report["machine"]
+    hardware = [name for name, present in machine.get("hardware_precisions", {}).items() if present]
     lines = [f"machine: {machine['cpu']}, {machine['cores_allowed']} cores, {machine['threads']} threads"
-             + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")]
-    header = ("variant", "canvas", "batch", "ms/step", "speedup", "tok/s", "weights MiB", "full depth MiB",
-              "mem ratio", "ckpt MiB")
+             + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+             + (f"; hardware for {', '.join(hardware)}" if hardware else "")]
+    header = ("variant", "canvas", "batch", "ms/step", "full depth s/step", "vs fastest FP", "vs bf16", "vs fp32",
+              "tok/s", "weights MiB", "full depth MiB", "mem ratio", "ckpt MiB")
     rows = [header]
     for r in report["results"]:
         ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        fastest = f"{r['speedup_vs_fastest_full_precision']:.2f}x ({r['fastest_full_precision']})" \
+            if "fastest_full_precision" in r else "-"
         rows.append((r["variant"], str(r["canvas"]), str(r["batch"]), f"{r['step_latency_s'] * 1e3:.1f}",
-                     ratio("speedup_vs_bf16"), f"{r['tokens_per_s']:.1f}", f"{r['weight_bytes'] / 2**20:.1f}",
+                     f"{r['step_latency_full_depth_s']:.2f}", fastest, ratio("speedup_vs_bf16"), ratio("speedup_vs_fp32"),
+                     f"{r['tokens_per_s']:.1f}", f"{r['weight_bytes'] / 2**20:.1f}",
                      f"{r['weight_bytes_full_depth'] / 2**20:.1f}", ratio("memory_ratio_vs_bf16"),
                      f"{r['checkpoint_bytes'] / 2**20:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -72,7 +72,9 @@ class DiffusionWorkerExtension:
         self, batch: int, prompt_length: int, sampling: dict, steps: int, warmup: int, logits_window: bool, seed: int
     ) -> dict:
         """Seconds of `warmup + steps` denoising steps (model forward + the sampler's commit) on random
-        prompts of `prompt_length` tokens: {"seconds": [...], "threads": torch threads of this rank}.
+        prompts of `prompt_length` tokens: {"seconds": [...], "block_seconds": [...], "threads": torch
+        threads of this rank}; `block_seconds` is the part of each step spent inside the blocks (the
+        rest: embedding, final norm, LM head, sampler), for extrapolating to other depths.
 
         A step is timed from one model call to the next, so it includes the sampler's work;
         decoding stops after the last timed step.
@@ -85,24 +87,43 @@ class DiffusionWorkerExtension:
         sampling = DiffusionSamplingConfig(**sampling)
         if sampling.steps < warmup + steps + 1:
             raise ValueError(f"{warmup} warm-up + {steps} timed steps need a decoding of more than {sampling.steps} steps")
-        stamps = []
+        stamps, in_blocks, started = [], [0.0], {}
         predictions = _predictions_fn(model)
 
-        def timed(input_ids, attention_mask, window=None):
+        def synchronize():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+
+        def timed(input_ids, attention_mask, window=None):
+            synchronize()
+            stamps.append((time.perf_counter(), in_blocks[0]))
             if len(stamps) > warmup + steps:
                 raise _Timed
             return predictions(input_ids, attention_mask, window)
 
-        with torch.inference_mode():
-            try:
-                diffusion_generate(timed, ids.to(device), config.mask_token_id, sampling, logits_window=logits_window)
-            except _Timed:
-                pass
-        seconds = [b - a for a, b in zip(stamps, stamps[1:])]
-        return {"seconds": seconds[warmup:], "threads": torch.get_num_threads()}
+        def enter(module, args):
+            synchronize()
+            started[module] = time.perf_counter()
+
+        def leave(module, args, output):
+            synchronize()
+            in_blocks[0] += time.perf_counter() - started.pop(module)
+
+        blocks = model.get_submodule(family_of(config).vllm_blocks)
+        hooks = [hook for block in blocks for hook in (block.register_forward_pre_hook(enter),
+                                                      block.register_forward_hook(leave))]
+        try:
+            with torch.inference_mode():
+                try:
+                    diffusion_generate(timed, ids.to(device), config.mask_token_id, sampling, logits_window=logits_window)
+                except _Timed:
+                    pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        seconds = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+        block_seconds = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+        return {"seconds": seconds[warmup:], "block_seconds": block_seconds[warmup:], "threads": torch.get_num_threads()}
 
     def starquant_release_weights(self) -> dict:
         """Resident bytes of the weights, measured by releasing them: the drop in this process's
