@@ -7,6 +7,9 @@ VENV := .venv
 COMPRESS := $(VENV)/compress
 SERVE := $(VENV)/serve
 SERVE_REQUIREMENTS ?= requirements/serve-cpu.txt
+# The serve environment's stamp names its requirements file and a hash of it and pyproject.toml:
+# switching SERVE_REQUIREMENTS (CPU <-> CUDA vLLM) or editing either rebuilds it from scratch.
+SERVE_STAMP = $(SERVE)/.installed-$(basename $(notdir $(SERVE_REQUIREMENTS)))-$(shell cat $(SERVE_REQUIREMENTS) pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
@@ -17,7 +20,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 setup: setup-compress setup-serve
 setup-compress: $(COMPRESS)/.installed
-setup-serve: $(SERVE)/.installed
+setup-serve: $(SERVE_STAMP)
 
 $(COMPRESS)/.installed: requirements/compress.txt pyproject.toml
 	$(PYTHON) -m venv $(COMPRESS)
@@ -26,7 +29,8 @@ $(COMPRESS)/.installed: requirements/compress.txt pyproject.toml
 	$(COMPRESS)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(SERVE)/.installed: $(SERVE_REQUIREMENTS) pyproject.toml
+$(SERVE_STAMP): $(SERVE_REQUIREMENTS) pyproject.toml
+	rm -rf $(SERVE)  # another vLLM wheel must not be installed on top of the old one
 	$(PYTHON) -m venv $(SERVE)
 	$(SERVE)/bin/pip install -q --upgrade pip
 	$(SERVE)/bin/pip install -q -r $(SERVE_REQUIREMENTS)
