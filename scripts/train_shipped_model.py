@@ -75,11 +75,25 @@ MAX_EXTRA_EOS = 3
 DIGITS = 4
 
 
+# The models were trained on bare prompts: their chat template is the last user message, as a
+# prompt (with LLaDA's BOS, which a rendered template carries itself), so that /v1/chat/completions
+# answers through it.
+CHAT_TEMPLATE = (
+    "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+    "{%- if not users -%}{{ raise_exception('a conversation needs a user message') }}{%- endif -%}"
+    "{BOS}{{ users[-1]['content'] }}"
+)
+
+
 def build_tokenizer(vocab_size: int = VOCAB_SIZE, family: str = "llada"):
     ids = special_ids(vocab_size)
     if family == "dream":  # Qwen2's convention: no BOS prepended, EOS doubles as BOS and padding
-        return build_char_tokenizer(CHARACTERS + LETTERS, vocab_size, None, (DREAM_EOS, ids[EOS]), (DREAM_MASK, ids[MASK]))
-    return build_char_tokenizer(CHARACTERS, vocab_size, (BOS, ids[BOS]), (EOS, ids[EOS]), (MASK, ids[MASK]))
+        tokenizer = build_char_tokenizer(CHARACTERS + LETTERS, vocab_size, None, (DREAM_EOS, ids[EOS]), (DREAM_MASK, ids[MASK]))
+        tokenizer.chat_template = CHAT_TEMPLATE.replace("{BOS}", "")
+        return tokenizer
+    tokenizer = build_char_tokenizer(CHARACTERS, vocab_size, (BOS, ids[BOS]), (EOS, ids[EOS]), (MASK, ids[MASK]))
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{BOS}", "{{ bos_token }}")
+    return tokenizer
 
 
 def make_example(rng: random.Random, digits: int = DIGITS, task: str = "arith") -> dict:

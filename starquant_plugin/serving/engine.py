@@ -124,17 +124,19 @@ class DiffusionLLM:
                 **engine_kwargs,
             )
 
-    def generate(self, prompts: str | list[str], params: DiffusionSamplingParams) -> list[DiffusionCompletion]:
-        """Decode every prompt (batched, left-padded); continuations with special tokens skipped."""
+    def generate(self, prompts: str | list[str], params: DiffusionSamplingParams,
+                 add_special_tokens: bool = True) -> list[DiffusionCompletion]:
+        """Decode every prompt (batched, left-padded); continuations with special tokens skipped.
+        `add_special_tokens=False` for prompts that already hold them (rendered chat templates)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(params, DiffusionSamplingConfig):
             raise TypeError(f"params must be DiffusionSamplingParams, got {type(params).__name__}")
-        self.validate(prompts, params)
+        self.validate(prompts, params, add_special_tokens)
         completions = []
         for start in range(0, len(prompts), self.max_batch_size):
             chunk = prompts[start:start + self.max_batch_size]
-            batch = self.tokenizer(chunk, padding=True)
+            batch = self.tokenizer(chunk, padding=True, add_special_tokens=add_special_tokens)
             result = self.llm.collective_rpc(
                 "starquant_diffusion_generate", args=(batch["input_ids"], batch["attention_mask"], asdict(params))
             )[0]
@@ -145,10 +147,10 @@ class DiffusionLLM:
             )
         return completions
 
-    def validate(self, prompts: list[str], params: DiffusionSamplingConfig) -> None:
+    def validate(self, prompts: list[str], params: DiffusionSamplingConfig, add_special_tokens: bool = True) -> None:
         """ValueError naming the prompt when one is empty or its canvas exceeds the model's length."""
         for index, prompt in enumerate(prompts):
-            length = len(self.tokenizer(prompt)["input_ids"])
+            length = len(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
             if length == 0:
                 raise ValueError(f"prompt {index}: empty (the tokenizer produced no tokens)")
             if length + params.gen_length > self.max_sequence_length:

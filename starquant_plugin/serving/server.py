@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server for diffusion decoding: `starquant serve CKPT --port N`.
 
-Endpoints: `POST /v1/completions`, `GET /v1/models`, `GET /health`. Diffusion settings are
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`messages` rendered by the
+checkpoint's chat template), `GET /v1/models`, `GET /health`. Diffusion settings are
 extra request fields (`steps`, `block_length`, `remasking`, `cfg_scale`, `threshold`);
 `max_tokens` is the generation length. Concurrent requests with the same settings are
 decoded together in one batch; a bad request is answered 400 with a message naming the
@@ -31,14 +32,18 @@ from ..diffusion.sampler import Remasking
 from ..errors import InputError
 from ..evaluation.runner import encode_prompt
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "CompletionRequest", "DiffusionBatcher", "Overloaded", "build_app", "serve"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES", "ChatCompletionRequest", "CompletionRequest", "DiffusionBatcher", "Overloaded", "build_app",
+    "render_chat", "serve",
+]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 prompts of 4 KiB; tokenizing it takes ~2 s on one core
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer, as OpenAI's `seed`; `torch.Generator.manual_seed` takes it
 
 
-class CompletionRequest(BaseModel):
-    """`/v1/completions` body: OpenAI's fields that apply, plus the diffusion settings.
+class _DecodingRequest(BaseModel):
+    """The fields `/v1/completions` and `/v1/chat/completions` share: OpenAI's that apply, plus
+    the diffusion settings.
 
     Strict types (a boolean is not a number, a string is not an integer; an integer is a
     fine float) and finite floats; the bounds that depend on the model are `check_limits`'.
@@ -47,7 +52,6 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: str | list[str]
     max_tokens: int = Field(16, gt=0, description="tokens to generate (gen_length)")
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -89,6 +93,13 @@ class CompletionRequest(BaseModel):
             threshold=self.threshold, seed=self.seed,
         )
 
+
+
+class CompletionRequest(_DecodingRequest):
+    """`/v1/completions` body."""
+
+    prompt: str | list[str]
+
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts:
@@ -100,6 +111,33 @@ class CompletionRequest(BaseModel):
         return ["prompt"] if isinstance(self.prompt, str) else [f"prompt[{i}]" for i in range(len(self.prompt))]
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_DecodingRequest):
+    """`/v1/chat/completions` body: `messages` rendered with the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
+    """The prompt text of a conversation by the tokenizer's `chat_template` (with the generation
+    prompt); InputError when the model has none or the template refuses the conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("messages: this model has no chat template (tokenizer_config.json has no chat_template); "
+                         "use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as error:  # the template's own raise_exception, or a rendering error
+        raise InputError(f"messages: the chat template refused them: {error}") from None
+
+
 class Overloaded(Exception):
     """More prompts are waiting than the server accepts (it can drain: retry later)."""
 
@@ -109,6 +147,7 @@ class _Pending:
     prompts: list[str]
     sampling: DiffusionSamplingConfig
     future: asyncio.Future = field(repr=False)
+    add_special_tokens: bool = True  # False for chat prompts: the template wrote them
 
 
 class DiffusionBatcher:
@@ -142,7 +181,7 @@ class DiffusionBatcher:
         if self._task is not None:
             self._task.cancel()
 
-    async def submit(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list:
+    async def submit(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool = True) -> list:
         if len(prompts) > self.max_pending:  # would never fit, however empty the queue: not "retry later"
             raise InputError(
                 f"prompt: {len(prompts)} prompts in one request exceed max_pending={self.max_pending}, "
@@ -150,7 +189,7 @@ class DiffusionBatcher:
             )
         if self.pending_prompts + len(prompts) > self.max_pending:
             raise Overloaded(f"{self.pending_prompts} prompts are waiting (max_pending={self.max_pending})")
-        pending = _Pending(prompts, sampling, asyncio.get_running_loop().create_future())
+        pending = _Pending(prompts, sampling, asyncio.get_running_loop().create_future(), add_special_tokens)
         self.waiting.append(pending)
         self._wakeup.set()
         return await pending.future
@@ -159,7 +198,8 @@ class DiffusionBatcher:
         first = self.waiting[0]
         batch, size = [], 0
         for pending in list(self.waiting):
-            if pending.sampling == first.sampling and (not batch or size + len(pending.prompts) <= self.max_batch_size):
+            same = (pending.sampling, pending.add_special_tokens) == (first.sampling, first.add_special_tokens)
+            if same and (not batch or size + len(pending.prompts) <= self.max_batch_size):
                 batch.append(pending)
                 size += len(pending.prompts)
                 self.waiting.remove(pending)
@@ -174,7 +214,8 @@ class DiffusionBatcher:
                 batch = self._take_batch()
                 prompts = [p for pending in batch for p in pending.prompts]
                 try:
-                    completions = await loop.run_in_executor(None, self.generate, prompts, batch[0].sampling)
+                    completions = await loop.run_in_executor(
+                        None, lambda: self.generate(prompts, batch[0].sampling, add_special_tokens=batch[0].add_special_tokens))
                 except Exception as error:  # one failed batch must not stop the server
                     for pending in batch:
                         if not pending.future.done():
@@ -246,8 +287,9 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     # fast tokenizer whose padding is switched while another thread encodes fails ("Already borrowed").
     tokenizer, tokenizer_lock = copy.deepcopy(llm.tokenizer), threading.Lock()
 
-    def parse(raw: bytes) -> tuple[CompletionRequest, list[str], DiffusionSamplingConfig, int]:
-        """(request, prompts, decoding settings, prompt tokens) of a body; InputError or
+    def parse(raw: bytes, chat: bool) -> tuple[_DecodingRequest, list[str], DiffusionSamplingConfig, int]:
+        """(request, prompts, decoding settings, prompt tokens) of a body (`chat`: of
+        /v1/chat/completions, its one prompt rendered by the chat template); InputError or
         ValidationError naming the field. Blocking: run in a worker thread."""
         try:
             body = json.loads(raw)
@@ -255,8 +297,12 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
             raise InputError("request body: JSON nested too deeply") from None
         except ValueError:
             raise InputError("request body is not valid JSON") from None
-        parsed = CompletionRequest.model_validate(body)
-        prompts = parsed.prompts()
+        parsed = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        if chat:
+            with tokenizer_lock:
+                prompts, names = [render_chat(tokenizer, parsed.messages)], ["messages"]
+        else:
+            prompts, names = parsed.prompts(), parsed.prompt_names()
         if len(prompts) > max_pending:  # before tokenizing any of them
             raise InputError(
                 f"prompt: {len(prompts)} prompts in one request exceed max_pending={max_pending}, "
@@ -265,9 +311,10 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         parsed.check_limits(max_sequence_length)
         sampling = parsed.sampling()
         prompt_tokens = 0
-        for prompt, name in zip(prompts, parsed.prompt_names()):
+        for prompt, name in zip(prompts, names):
             with tokenizer_lock:
-                length = len(encode_prompt(tokenizer, prompt, mask_token_id, name))
+                # A chat template writes the special tokens it wants (BOS) itself.
+                length = len(encode_prompt(tokenizer, prompt, mask_token_id, name, add_special_tokens=not chat))
             # Per request (as `DiffusionLLM.validate`), so one bad prompt cannot fail a shared batch.
             if length == 0:
                 raise InputError(f"{name}: empty (the tokenizer produced no tokens)")
@@ -296,14 +343,13 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "owned_by": "starquant"}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def decode(request: Request, chat: bool):
         try:
             raw = await _read_body(request, max_body_bytes)
         except _BodyRefused as error:
             return _error(error.status, str(error), "invalid_request_error")
         try:
-            parsed, prompts, sampling, prompt_tokens = await run_in_threadpool(parse, raw)
+            parsed, prompts, sampling, prompt_tokens = await run_in_threadpool(parse, raw, chat)
         except ValidationError as error:
             return _error(400, _describe(error), "invalid_request_error")
         except ValueError as error:
@@ -314,7 +360,7 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
             return _error(404, f"model {parsed.model!r} is not served here (serving {served_model_name!r})",
                           "invalid_request_error")
         try:
-            results = await batcher.submit(prompts, sampling)
+            results = await batcher.submit(prompts, sampling, add_special_tokens=not chat)
         except Overloaded as error:
             return _error(503, f"server overloaded, retry later: {error}", "overloaded_error")
         except ValueError as error:  # e.g. the engine's own checks
@@ -323,21 +369,32 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
             logger.exception("decoding failed")
             return _error(500, f"decoding failed: {type(error).__name__}: {error}", "internal_error")
         completion_tokens = sum(len(c.token_ids) for c in results)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": "length",
+                        "logprobs": None} for i, c in enumerate(results)]
+        else:
+            choices = [{"index": i, "text": c.text, "finish_reason": "length", "logprobs": None}
+                       for i, c in enumerate(results)]
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": served_model_name,
-            "choices": [
-                {"index": i, "text": c.text, "finish_reason": "length", "logprobs": None}
-                for i, c in enumerate(results)
-            ],
+            "choices": choices,
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await decode(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await decode(request, chat=True)
 
     return app
 

@@ -33,36 +33,38 @@ class _Completion:
 def test_batcher_groups_equal_settings_and_refuses_overload():
     calls = []
 
-    def slow_generate(prompts, sampling):
-        calls.append((list(prompts), sampling.seed))
+    def slow_generate(prompts, sampling, add_special_tokens=True):
+        calls.append((list(prompts), sampling.seed, add_special_tokens))
         time.sleep(0.2)
         return [_Completion(p.upper(), []) for p in prompts]
 
     async def scenario():
-        batcher = DiffusionBatcher(slow_generate, max_batch_size=3, max_pending=4)
+        batcher = DiffusionBatcher(slow_generate, max_batch_size=3, max_pending=5)
         batcher.start()
         greedy, other = DiffusionSamplingConfig(gen_length=2), DiffusionSamplingConfig(gen_length=2, seed=9)
         first = asyncio.ensure_future(batcher.submit(["a"], greedy))
         await asyncio.sleep(0.05)  # "a" is decoding; the next ones wait together
-        rest = [asyncio.ensure_future(batcher.submit([p], s)) for p, s in (("b", greedy), ("c", other), ("d", greedy))]
+        rest = [asyncio.ensure_future(batcher.submit([p], s, add_special_tokens=special))
+                for p, s, special in (("b", greedy, True), ("c", other, True), ("d", greedy, True), ("e", greedy, False))]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded):
-            await batcher.submit(["e", "f"], greedy)  # 3 waiting + 2 > max_pending
+            await batcher.submit(["f", "g"], greedy)  # 4 waiting + 2 > max_pending
         results = await asyncio.gather(first, *rest)
         await batcher.stop()
         return results
 
     results = asyncio.run(scenario())
-    assert [[c.text for c in r] for r in results] == [["A"], ["B"], ["C"], ["D"]]
-    # b and d share settings and ride one call; c runs on its own.
-    assert calls == [(["a"], 0), (["b", "d"], 0), (["c"], 9)]
+    assert [[c.text for c in r] for r in results] == [["A"], ["B"], ["C"], ["D"], ["E"]]
+    # b and d share settings and ride one call; c runs on its own, and so does the chat prompt e
+    # (its template wrote its special tokens: tokenized without adding them).
+    assert calls == [(["a"], 0, True), (["b", "d"], 0, True), (["c"], 9, True), (["e"], 0, False)]
 
 
 def test_batcher_refuses_a_request_that_could_never_be_admitted():
     """More prompts than max_pending is the request's fault (400), not a full queue (503, retry)."""
 
     async def scenario():
-        batcher = DiffusionBatcher(lambda prompts, sampling: [], max_batch_size=2, max_pending=4)
+        batcher = DiffusionBatcher(lambda prompts, sampling, add_special_tokens=True: [], max_batch_size=2, max_pending=4)
         batcher.start()
         try:
             with pytest.raises(InputError, match="5 prompts in one request exceed max_pending=4"):
@@ -99,7 +101,7 @@ class _StandInLLM:
         config = tiny_config()
         self.tokenizer, self.mask_token_id = _SlowTokenizer(tiny_tokenizer(config)), config["mask_token_id"]
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, add_special_tokens=True):
         return [_Completion(p[::-1], [0] * sampling.gen_length) for p in prompts]
 
 
@@ -291,3 +293,57 @@ def test_overload_is_503_not_a_crash(server):
     health = httpx.get(f"{base}/health").json()
     assert health["status"] == "ok" and health["pending_prompts"] == 0
     assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
+
+
+def _chat(base, **body):
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": [{"role": "user", "content": "abc"}]},
+         "messages: this model has no chat template (tokenizer_config.json has no chat_template)"),
+        ({"messages": []}, "messages: List should have at least 1 item"),
+        ({"messages": [{"role": "robot", "content": "abc"}]}, "messages.0.role: Input should be 'system', 'user' or"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content: Input should be a valid string"),
+        ({"prompt": "abc"}, "messages: Field required"),
+        ({"messages": [{"role": "user", "content": "abc"}], "stream": True}, "stream"),
+    ],
+)
+def test_chat_requests_without_a_template_or_with_bad_messages_are_400(server, body, message):
+    base, _ = server  # a model whose tokenizer has no chat template
+    response = _chat(base, **body)
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_chat_completions_answer_through_the_shipped_chat_template(family):
+    """The shipped models' template renders the last user message as their prompt (LLaDA's with
+    its BOS, tokenized without adding another): the answers are the held-out ones, and the same
+    text /v1/completions gives for the bare prompt."""
+    from starquant_plugin.assets import SHIPPED_MODELS
+    from starquant_plugin.evaluation import load_tasks
+
+    examples = load_tasks(SHIPPED_MODELS[family] / "eval.jsonl")
+    length = max(len(e.answer) for e in examples)  # as `starquant eval` decodes them (one token per character)
+    examples = examples[:4]
+    with serve_subprocess(SHIPPED_MODELS[family]) as base:
+        settings = {"max_tokens": length, "steps": length, "block_length": length}
+        for example in examples:
+            messages = [{"role": "system", "content": "answer exactly"}, {"role": "user", "content": example.prompt}]
+            chat = _chat(base, messages=messages, **settings)
+            assert chat.status_code == 200, chat.text
+            body = chat.json()
+            assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+            (choice,) = body["choices"]
+            assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == example.answer
+            completion = _complete(base, prompt=example.prompt, **settings).json()
+            assert completion["choices"][0]["text"] == example.answer
+            assert body["usage"]["prompt_tokens"] == completion["usage"]["prompt_tokens"]  # one BOS, not two
+        refused = _chat(base, messages=[{"role": "system", "content": "hi"}], **settings)
+        assert refused.status_code == 400
+        assert "the chat template refused them: a conversation needs a user message" in refused.json()["error"]["message"]
