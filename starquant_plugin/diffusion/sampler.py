@@ -39,6 +39,7 @@ __all__ = [
     "diffusion_generate",
     "num_transfer_tokens",
     "add_gumbel_noise",
+    "filter_logits",
     "propose_tokens",
     "select_transfer",
     "hf_logits_fn",
@@ -78,6 +79,10 @@ class DiffusionSamplingConfig:
             (at most `block_length` per block) and `steps` only bounds nothing.
         seed: seed of the generator for sampling and random remasking (any integer
             `torch.Generator.manual_seed` takes: -2**63 .. 2**64 - 1).
+        top_k: propose only among the `top_k` most likely tokens of a position (None: all).
+        top_p: propose only among the smallest set of most likely tokens whose probability
+            reaches `top_p` (nucleus; None or 1: all). Like Dream's, both filter the logits before
+            sampling and before the confidence is computed.
     """
 
     gen_length: int
@@ -88,6 +93,8 @@ class DiffusionSamplingConfig:
     cfg_scale: float = 0.0
     threshold: float | None = None
     seed: int = 0
+    top_k: int | None = None
+    top_p: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_integer(self.gen_length) or self.gen_length <= 0:
@@ -121,6 +128,10 @@ class DiffusionSamplingConfig:
         if self.threshold is not None and self.remasking in ("entropy", "random"):
             raise ValueError(f"threshold is a probability: it applies to remasking low_confidence, maskgit_plus or "
                              f"topk_margin, not {self.remasking!r}")
+        if self.top_k is not None and (not _is_integer(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
 
@@ -171,6 +182,31 @@ def num_transfer_tokens(masked_in_block: torch.Tensor, steps: int) -> torch.Tens
     return schedule
 
 
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None,
+                  mask_token_id: int | None = None) -> torch.Tensor:
+    """`logits` with every token outside each position's top-k and nucleus (top-p) set to -inf;
+    the most likely token is always kept. The mask token (never a proposal: see `propose_tokens`)
+    is not ranked and not dropped, so k and p count real tokens. Unchanged (the same tensor) when
+    neither applies."""
+    if (top_k is None or top_k >= logits.shape[-1]) and (top_p is None or top_p >= 1):
+        return logits
+    ranked = logits
+    if mask_token_id is not None:
+        ranked = logits.clone()
+        ranked[..., mask_token_id] = float("-inf")
+    drop = torch.zeros_like(logits, dtype=torch.bool)
+    if top_k is not None and top_k < logits.shape[-1]:
+        drop |= ranked < ranked.topk(top_k, dim=-1).values[..., -1:]
+    if top_p is not None and top_p < 1:
+        ordered, order = ranked.sort(dim=-1, descending=True)
+        probs = torch.softmax(ordered.to(torch.float64), dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        drop |= torch.zeros_like(drop).scatter(-1, order, above >= top_p)
+    if mask_token_id is not None:
+        drop[..., mask_token_id] = False
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Scores whose argmax is a sample at `temperature` (float64 Gumbel-max, as in LLaDA)."""
     if temperature == 0:
@@ -192,6 +228,7 @@ def propose_tokens(
     token instead (with that token's probability as confidence): committing the mask would fill
     nothing, and the position would end the block still masked. Elsewhere nothing changes.
     """
+    logits = filter_logits(logits, config.top_k, config.top_p, mask_token_id)
     scores = add_gumbel_noise(logits, config.temperature, generator)
     proposal = scores.argmax(dim=-1)
     if mask_token_id is not None:

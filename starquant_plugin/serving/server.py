@@ -17,6 +17,7 @@ seed's range, finite floats) and strictly typed; a prompt the model cannot read 
 
 import asyncio
 import copy
+import dataclasses
 import json
 import threading
 import time
@@ -52,10 +53,14 @@ class _DecodingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    max_tokens: int = Field(16, gt=0, description="tokens to generate (gen_length)")
+    max_tokens: int | None = Field(None, gt=0, description="tokens to generate (gen_length); default: the "
+                                   "model's generation_config.json max_new_tokens, else 16")
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, description="independent samples per prompt, seeds seed, seed + 1, ...")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
     stream: Literal[False] = False
     user: str | None = None
     # Diffusion decoding (LLaDA's names); defaults as in `DiffusionSamplingConfig`.
@@ -75,8 +80,22 @@ class _DecodingRequest(BaseModel):
             raise ValueError("must be an integer, got bool")
         return value
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        strings = [value] if isinstance(value, str) else value or []
+        if len(strings) > 4 or any(not s for s in strings):
+            raise ValueError("at most 4 non-empty strings")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     def check_limits(self, max_sequence_length: int) -> None:
-        """InputError naming the field when a length or step count exceeds the model's canvas."""
+        """InputError naming the field when a length or step count exceeds the model's canvas, or
+        the seeds of `n` samples leave the seed's range."""
+        if self.seed + self.n - 1 > MAX_SEED:
+            raise InputError(f"seed: {self.seed} + n - 1 exceeds {MAX_SEED} (sample i uses seed + i)")
         for name in ("max_tokens", "steps", "block_length"):
             value = getattr(self, name)
             if value is not None and value > max_sequence_length:
@@ -90,7 +109,7 @@ class _DecodingRequest(BaseModel):
         return DiffusionSamplingConfig(
             gen_length=self.max_tokens, steps=self.steps, block_length=self.block_length,
             temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale,
-            threshold=self.threshold, seed=self.seed,
+            threshold=self.threshold, seed=self.seed, top_k=self.top_k, top_p=self.top_p,
         )
 
 
@@ -230,6 +249,13 @@ class DiffusionBatcher:
                     start += len(pending.prompts)
 
 
+def _apply_stop(text: str, stop: list[str]) -> tuple[str, str]:
+    """The text cut before the first occurrence of any stop string, and OpenAI's finish_reason
+    (`stop` when cut; `length` otherwise: a diffusion canvas has a fixed length)."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return (text[:min(cuts)], "stop") if cuts else (text, "length")
+
+
 def _error(status: int, message: str, kind: str):
     from fastapi.responses import JSONResponse
 
@@ -273,9 +299,10 @@ async def _read_body(request, max_body_bytes: int) -> bytes:
 
 
 def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending: int = 256,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = 16):
     """The FastAPI app around a `DiffusionLLM` (or anything with `generate`, `tokenizer`,
-    `mask_token_id` and `max_sequence_length`)."""
+    `mask_token_id` and `max_sequence_length`); `default_max_tokens` for requests without
+    `max_tokens` (`serve` takes the model's generation_config.json `max_new_tokens`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -298,14 +325,17 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         except ValueError:
             raise InputError("request body is not valid JSON") from None
         parsed = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        if parsed.max_tokens is None:
+            parsed.max_tokens = default_max_tokens
         if chat:
             with tokenizer_lock:
                 prompts, names = [render_chat(tokenizer, parsed.messages)], ["messages"]
         else:
             prompts, names = parsed.prompts(), parsed.prompt_names()
-        if len(prompts) > max_pending:  # before tokenizing any of them
+        if len(prompts) * parsed.n > max_pending:  # before tokenizing any of them
             raise InputError(
-                f"prompt: {len(prompts)} prompts in one request exceed max_pending={max_pending}, "
+                f"prompt: {len(prompts)} prompts{f' x n={parsed.n} samples' if parsed.n > 1 else ''} in one request "
+                f"exceed max_pending={max_pending}, "
                 "the most this server queues; split the request"
             )
         parsed.check_limits(max_sequence_length)
@@ -360,7 +390,11 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
             return _error(404, f"model {parsed.model!r} is not served here (serving {served_model_name!r})",
                           "invalid_request_error")
         try:
-            results = await batcher.submit(prompts, sampling, add_special_tokens=not chat)
+            # Sample i of every prompt decodes with seed + i (its own batch: settings differ).
+            samples = await asyncio.gather(*(
+                batcher.submit(prompts, dataclasses.replace(sampling, seed=sampling.seed + i), add_special_tokens=not chat)
+                for i in range(parsed.n)
+            ))
         except Overloaded as error:
             return _error(503, f"server overloaded, retry later: {error}", "overloaded_error")
         except ValueError as error:  # e.g. the engine's own checks
@@ -368,13 +402,14 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         except Exception as error:
             logger.exception("decoding failed")
             return _error(500, f"decoding failed: {type(error).__name__}: {error}", "internal_error")
+        results = [sample[j] for j in range(len(prompts)) for sample in samples]  # prompt-major, as OpenAI
         completion_tokens = sum(len(c.token_ids) for c in results)
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": "length",
-                        "logprobs": None} for i, c in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": c.text, "finish_reason": "length", "logprobs": None}
-                       for i, c in enumerate(results)]
+        choices = []
+        for i, completion in enumerate(results):
+            text, finish_reason = _apply_stop(completion.text, parsed.stop_strings())
+            choice = {"index": i, "finish_reason": finish_reason, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            choices.append(choice)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
@@ -399,6 +434,22 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     return app
 
 
+def default_max_tokens(model_dir) -> int:
+    """`max_new_tokens` of the checkpoint's generation_config.json (a positive integer), else 16."""
+    from pathlib import Path
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_new_tokens") if path.is_file() else None
+    except (ValueError, AttributeError):
+        raise InputError(f"{path}: not a JSON object") from None
+    if value is None:
+        return 16
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{path}: max_new_tokens must be a positive integer, got {value!r}")
+    return value
+
+
 def serve(
     model_dir,
     host: str = "127.0.0.1",
@@ -417,7 +468,7 @@ def serve(
 
     llm = DiffusionLLM(model_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_batch_size=max_batch_size)
     name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
-    app = build_app(llm, name, max_batch_size, max_pending, max_body_bytes)
+    app = build_app(llm, name, max_batch_size, max_pending, max_body_bytes, default_max_tokens(model_dir))
     logger.info(f"serving {model_dir} as {name!r} on http://{host}:{port}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -256,6 +256,8 @@ def test_classifier_free_guidance_masks_the_prompt_in_the_unconditional_pass():
         ({"gen_length": 8, "steps": 8.0}, "steps must be a positive integer, got 8.0"),
         ({"gen_length": 8, "seed": 10**23}, "seed must be an integer in"),
         ({"gen_length": 8, "seed": -(2**63) - 1}, "seed must be an integer in"),
+        ({"gen_length": 8, "top_k": 0}, "top_k must be a positive integer, got 0"),
+        ({"gen_length": 8, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, message):
@@ -385,3 +387,29 @@ def test_confidence_rules_differ_and_windowing_keeps_them_exact():
 def test_threshold_needs_a_probability_confidence(rule):
     with pytest.raises(ValueError, match="threshold is a probability"):
         DiffusionSamplingConfig(gen_length=4, threshold=0.9, remasking=rule)
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens_and_never_rank_the_mask():
+    from starquant_plugin.diffusion.sampler import filter_logits
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, 5.0]])  # probabilities 0.015 0.111 0.041 0.009 0.823
+    keep = lambda filtered: (filtered > float("-inf")).int().tolist()[0]  # noqa: E731
+    assert keep(filter_logits(logits, 2, None)) == [0, 1, 0, 0, 1]
+    assert keep(filter_logits(logits, None, 0.8)) == [0, 0, 0, 0, 1]  # the top token alone reaches 0.8
+    assert keep(filter_logits(logits, None, 0.9)) == [0, 1, 0, 0, 1]
+    assert keep(filter_logits(logits, None, 0.99)) == [1, 1, 1, 0, 1]
+    assert keep(filter_logits(logits, 1, None, mask_token_id=4)) == [0, 1, 0, 0, 1]  # k counts real tokens
+    assert filter_logits(logits, None, 1.0) is logits and filter_logits(logits, 5, None) is logits
+
+
+def test_top_k_one_samples_the_argmax_at_any_temperature():
+    """Every position proposes its argmax whatever the noise (as Dream, the confidence is then the
+    filtered distribution's: 1 everywhere, so commits go left to right)."""
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(gen_length=6, steps=6, top_k=1))
+    plain = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(gen_length=6, steps=6))
+    assert not torch.equal(greedy.sequences, plain.sequences)  # the commit order changed, and with it the text
+    for seed in range(3):
+        sampled = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(
+            gen_length=6, steps=6, temperature=2.0, top_k=1, seed=seed))
+        assert torch.equal(sampled.sequences, greedy.sequences)

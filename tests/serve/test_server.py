@@ -205,6 +205,15 @@ def test_completions_match_core_under_a_concurrent_burst(server):
         ({"prompt": "abc", "temperature": True}, 400, "temperature: Input should be a valid number"),
         ({"prompt": "abc", "seed": "7"}, 400, "seed: Input should be a valid integer"),
         ({"prompt": "abc", "n": True}, 400, "n: Value error, must be an integer"),
+        ({"prompt": "abc", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+        ({"prompt": ["abc", "ab"], "n": 3}, 400, "prompt: 2 prompts x n=3 samples in one request exceed max_pending=4"),
+        ({"prompt": "abc", "seed": 2**63 - 1, "n": 2}, 400, "seed: 9223372036854775807 + n - 1 exceeds"),
+        ({"prompt": "abc", "top_k": 0}, 400, "top_k: Input should be greater than 0"),
+        ({"prompt": "abc", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1"),
+        ({"prompt": "abc", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: Value error, at most 4 non-empty strings"),
+        ({"prompt": "abc", "stop": ""}, 400, "stop: Value error, at most 4 non-empty strings"),
+        # Fields that cannot apply are refused by name.
+        ({"prompt": "abc", "logprobs": 2}, 400, "logprobs: Extra inputs are not permitted"),
         ({"prompt": "abc", "stream": 0}, 400, "stream: Value error, must be a boolean"),
         # Prompts the model cannot read as written.
         ({"prompt": "ab\u00e9c", "max_tokens": 2}, 400, "prompt: character 'é' (U+00E9) at position 2 is not in the"),
@@ -220,6 +229,29 @@ def test_malformed_requests_are_answered_and_the_server_keeps_going(server, body
     assert response.status_code == status
     assert message in response.json()["error"]["message"]
     assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
+
+
+@pytest.mark.slow
+def test_openai_sampling_fields(server):
+    """n samples with seeds seed, seed + 1; top_k=1 (and a tiny top_p) proposes the argmax whatever
+    the temperature; stop cuts the text; max_tokens defaults to 16 (no generation_config.json
+    max_new_tokens here)."""
+    base, _ = server
+    sampled = dict(prompt="abc", max_tokens=8, steps=8, block_length=4, temperature=1.0)
+    alone = [_complete(base, **sampled, seed=s).json()["choices"][0]["text"] for s in (5, 6)]
+    assert alone[0] != alone[1]  # the seeds matter at temperature 1 (random weights: a flat distribution)
+    both = _complete(base, **sampled, seed=5, n=2).json()
+    assert [c["text"] for c in both["choices"]] == alone and [c["index"] for c in both["choices"]] == [0, 1]
+    greedy = _complete(base, **{**sampled, "temperature": 0.0}, top_k=1).json()["choices"][0]["text"]
+    assert _complete(base, **sampled, top_k=1).json()["choices"][0]["text"] == greedy
+    assert _complete(base, **sampled, top_p=1e-9).json()["choices"][0]["text"] == greedy
+    cut = alone[0][len(alone[0]) // 2:][:1]  # a character of the second half
+    stopped = _complete(base, **sampled, seed=5, stop=[cut, "never"]).json()["choices"][0]
+    assert stopped == {"index": 0, "text": alone[0][:alone[0].index(cut)], "finish_reason": "stop", "logprobs": None}
+    unstopped = _complete(base, **sampled, seed=5, stop="never").json()["choices"][0]
+    assert unstopped["text"] == alone[0] and unstopped["finish_reason"] == "length"
+    default = _complete(base, prompt="abc", steps=16, block_length=16).json()
+    assert default["usage"]["completion_tokens"] == 16
 
 
 @pytest.mark.slow
