@@ -40,24 +40,29 @@ class DiffusionCompletion:
 
 @contextmanager
 def _cpu_rank_binding(ranks: int):
-    """On vLLM's CPU platform, give each rank its own cores while the engine starts, unless the
-    user set `VLLM_CPU_OMP_THREADS_BIND`.
+    """On vLLM's CPU platform, bind each rank's OpenMP threads to its own cores while the engine
+    starts, unless the user set `VLLM_CPU_OMP_THREADS_BIND` (vLLM's own setting wins).
 
-    vLLM's automatic binding wants one NUMA node per rank and refuses TP > 1 on a
-    single-node machine; splitting this process's allowed cores evenly works everywhere.
-    The variable is restored afterwards (the engine's processes have read it by then).
+    This process's allowed cores are split evenly between the ranks; each rank takes
+    `OMP_NUM_THREADS` of its share when that is set, else all of it. vLLM's automatic binding
+    would instead keep one core per rank for its scheduler process (idle while a diffusion batch
+    decodes inside the workers: one core of two left unused) and refuses TP > 1 on a single NUMA
+    node. The variable is restored afterwards (the engine's processes have read it by then).
     """
     from vllm.platforms import current_platform
 
-    if ranks <= 1 or not current_platform.is_cpu() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if not current_platform.is_cpu() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         yield
         return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < ranks:
         raise ValueError(f"tensor_parallel_size={ranks} needs at least {ranks} CPU cores; {len(cores)} are allowed")
     per_rank = len(cores) // ranks
+    threads = per_rank
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = min(int(os.environ["OMP_NUM_THREADS"]), per_rank)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-        ",".join(map(str, cores[r * per_rank:(r + 1) * per_rank])) for r in range(ranks)
+        ",".join(map(str, cores[r * per_rank:r * per_rank + threads])) for r in range(ranks)
     )
     try:
         yield

@@ -146,10 +146,19 @@ def test_shipped_model_vllm_generations_identical_to_core(tmp_path):
 
 
 def test_cpu_rank_binding_is_restored_after_start_up(monkeypatch):
+    """Ranks get disjoint cores: all of this process's (split evenly), or OMP_NUM_THREADS of
+    each share; vLLM's own automatic binding would keep one core per rank for its scheduler."""
     from starquant_plugin.serving.engine import _cpu_rank_binding
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = sorted(os.sched_getaffinity(0))
+    with _cpu_rank_binding(1):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))  # every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with _cpu_rank_binding(1):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[0])  # the threads the user gave
+    monkeypatch.delenv("OMP_NUM_THREADS")
     with _cpu_rank_binding(2):
         ranks = os.environ["VLLM_CPU_OMP_THREADS_BIND"].split("|")
         assert len(ranks) == 2 and not set(ranks[0].split(",")) & set(ranks[1].split(","))
