@@ -12,7 +12,7 @@
   `--layer all`) by the FP model's on the same canvas (attention output = o-projection input,
   o-projection output, residual after the attention, block output) and report the KL: which
   stage's error the output is sensitive to. "FP attention output at every layer" is the drift a
-  perfect TAC map (DESIGN.md's target) would leave. Also printed: how much of the KL the worst
+  perfect TAC map (docs/method.md's target) would leave. Also printed: how much of the KL the worst
   masked positions carry.
 - `paired`: per prompt, the late-step drift (mean KL over the second half of the steps, the
   quantized model's own trajectory) of two checkpoints; the mean difference A - B with a paired

@@ -45,7 +45,7 @@ class SGATSiteSpec:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Everything that differs between diffusion-LLM families (DESIGN: "Model families").
+    """Everything that differs between diffusion-LLM families (docs/adding-a-model-family.md).
 
     Attributes:
         model_type: `config.json`'s `model_type`.

@@ -1,4 +1,4 @@
-"""SGAT — State-Guided Activation Transformation (DESIGN.md §2), in pure torch.
+"""SGAT — State-Guided Activation Transformation (docs/method.md), in pure torch.
 
 For one quantized input site with input `x` [tokens, dim] and token states `s`
 (0 = unmasked, 1 = masked, from the input ids):

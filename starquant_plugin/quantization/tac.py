@@ -1,4 +1,4 @@
-"""TAC — Temporal Attention Compensation (DESIGN.md §2), in pure torch.
+"""TAC — Temporal Attention Compensation (docs/method.md), in pure torch.
 
 A block-diagonal affine map on the attention output (the o-projection input),
 `o^ = blockdiag(A_1..A_n) o + c`, with blocks of size `b` (head_dim by default), fitted

@@ -26,7 +26,7 @@ __all__ = ["SGATModifier"]
 class SGATModifier(Modifier):
     """
     STaR-Quant's State-Guided Activation Transformation (arXiv 2606.04945; our spec in
-    DESIGN.md §2). In a diffusion LLM, masked and unmasked tokens have different
+    docs/method.md). In a diffusion LLM, masked and unmasked tokens have different
     activation distributions at every layer. At every quantized input site (attention
     input, attention output, MLP input, MLP output) SGAT applies one shared invertible
     transform `T = D R` (SmoothQuant-style diagonal `D`, folded upstream where possible,

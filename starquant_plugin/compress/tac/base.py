@@ -34,7 +34,7 @@ REFERENCE_LOGITS_BYTES = 2**30
 
 class TACModifier(Modifier):
     """
-    STaR-Quant's Temporal Attention Compensation (arXiv 2606.04945; DESIGN.md §2). In a
+    STaR-Quant's Temporal Attention Compensation (arXiv 2606.04945; docs/method.md). In a
     denoising trajectory each step's quantization error flips decisions that later steps
     build on. TAC fits, per attention layer, a block-diagonal affine map on the attention
     output (`o^ = blockdiag(A_1..A_n) o + c`, one `b x b` block per head by default) in
@@ -81,7 +81,7 @@ class TACModifier(Modifier):
         canvases' mask ratios, so every bucket holds 1/K of the steps (the ratio counts the
         prompt, so it rarely nears 1); `uniform`: edges k/K. Stored in the checkpoint.
     :param ridge: ridge strength, relative to the mean input energy per channel
-    :param objective: what the map is fitted to match. `attention_output` (DESIGN.md §2): the
+    :param objective: what the map is fitted to match. `attention_output` (docs/method.md): the
         full-precision attention output, block by block. `projection_output`: the full-precision
         o-projection output, i.e. what the residual stream receives, so the projection's own
         quantization error (the part predictable from its input) is corrected too; the projection
