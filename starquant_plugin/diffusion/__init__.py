@@ -8,6 +8,7 @@ from .sampler import (
     LogitsFn,
     TrajectoryStep,
     diffusion_generate,
+    diffusion_steps,
     hf_logits_fn,
     num_transfer_tokens,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "LogitsFn",
     "TrajectoryStep",
     "diffusion_generate",
+    "diffusion_steps",
     "hf_logits_fn",
     "mask_positions",
     "masked_nll",

@@ -20,7 +20,7 @@ can commit (elsewhere the sampler draws noise over the whole canvas, so it score
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Literal
@@ -39,6 +39,7 @@ __all__ = [
     "diffusion_generate",
     "num_transfer_tokens",
     "add_gumbel_noise",
+    "diffusion_steps",
     "filter_logits",
     "propose_tokens",
     "select_transfer",
@@ -155,7 +156,7 @@ class TrajectoryStep:
 
     step: int
     block: int
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None
     canvas: torch.Tensor
     committed: torch.Tensor
     mask_ratio: torch.Tensor
@@ -294,7 +295,6 @@ def _guided_logits(
     return uncond_logits + (cfg_scale + 1) * (logits - uncond_logits)
 
 
-@torch.no_grad()
 def diffusion_generate(
     logits_fn: LogitsFn,
     input_ids: torch.Tensor,
@@ -318,6 +318,32 @@ def diffusion_generate(
         logits_window: `logits_fn` also takes `window=(lo, hi)` and then returns logits
             [b, hi - lo, vocab]; used where it cannot change the result (see the module docstring).
     """
+    steps = diffusion_steps(logits_fn, input_ids, mask_token_id, config, attention_mask, logits_window,
+                            record_inputs=trajectory_hook is not None)
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if trajectory_hook is not None:
+            trajectory_hook(TrajectoryStep(step.step, step.block, step.input_ids, step.canvas.clone(), step.committed,
+                                           step.mask_ratio))
+
+
+@torch.no_grad()
+def diffusion_steps(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    config: DiffusionSamplingConfig,
+    attention_mask: torch.Tensor | None = None,
+    logits_window: bool = False,
+    record_inputs: bool = False,
+) -> Generator[TrajectoryStep, None, DiffusionOutput]:
+    """`diffusion_generate` one step at a time: yields a `TrajectoryStep` after every step (its
+    `input_ids` None unless `record_inputs`; `canvas` is not modified afterwards) and returns the
+    `DiffusionOutput` (`StopIteration.value`). Each resumption runs under `torch.no_grad`, so a
+    caller may interleave other work between steps (streaming)."""
     _refuse_mask_in_prompts(input_ids, attention_mask, mask_token_id)
     windowed = logits_window and config.temperature == 0 and config.remasking != "random"
     batch, prompt_len = input_ids.shape
@@ -377,12 +403,9 @@ def diffusion_generate(
                 # Fast-dLLM: the best proposal always, plus every other one above the threshold.
                 transfer = select_transfer(confidence, torch.ones(batch, dtype=torch.long, device=device))
                 transfer |= confidence >= config.threshold
-            step_input = canvas.clone() if trajectory_hook is not None else None
+            step_input = canvas if record_inputs else None  # never modified in place: a new tensor each step
             canvas = torch.where(transfer, proposal, canvas)
-            if trajectory_hook is not None:
-                trajectory_hook(
-                    TrajectoryStep(total_steps, block, step_input, canvas.clone(), transfer, mask_ratio)
-                )
+            yield TrajectoryStep(total_steps, block, step_input, canvas, transfer, mask_ratio)
             block_steps += 1
             total_steps += 1
         steps_per_block.append(block_steps)

@@ -3,6 +3,6 @@
 Importing this package does not import vLLM; `DiffusionLLM` does when it is built.
 """
 
-from .engine import DiffusionCompletion, DiffusionLLM, DiffusionSamplingParams
+from .engine import DiffusionCompletion, DiffusionLLM, DiffusionProgress, DiffusionSamplingParams
 
-__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion"]
+__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion", "DiffusionProgress"]

@@ -10,6 +10,8 @@ loop runs inside vLLM's workers (`serving.worker`), one RPC per batch of prompts
 """
 
 import os
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from ..checkpoint import validate_checkpoint
 from ..diffusion import DiffusionSamplingConfig
 from .servable import check_servable
 
-__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion"]
+__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion", "DiffusionProgress"]
 
 WORKER_EXTENSION = "starquant_plugin.serving.worker.DiffusionWorkerExtension"
 
@@ -26,6 +28,18 @@ WORKER_EXTENSION = "starquant_plugin.serving.worker.DiffusionWorkerExtension"
 @dataclass
 class DiffusionSamplingParams(DiffusionSamplingConfig):
     """Decoding settings of one `generate` call: the core sampler's (`DiffusionSamplingConfig`)."""
+
+
+@dataclass
+class DiffusionProgress:
+    """One streamed update of a batch: `steps` so far; per prompt the text of the committed prefix
+    (the generation's tokens up to its first still-masked position, decoded) and the canvas of the
+    generation (each position's token, None where still masked); `completions` once done."""
+
+    steps: int
+    committed_texts: list[str]
+    canvases: list[list[str | None]]
+    completions: list["DiffusionCompletion"] | None = None
 
 
 @dataclass
@@ -151,6 +165,48 @@ class DiffusionLLM:
                 DiffusionCompletion(p, t, ids, result["steps"]) for p, t, ids in zip(chunk, texts, generated)
             )
         return completions
+
+    def generate_stream(self, prompts: list[str], params: DiffusionSamplingParams, add_special_tokens: bool = True,
+                        steps_per_update: int = 1) -> Iterator[DiffusionProgress]:
+        """Decode one batch (at most `max_batch_size` prompts), yielding a `DiffusionProgress` every
+        `steps_per_update` steps; the last one carries the completions (the same as `generate`'s).
+        Closing the iterator early (a cancelled request) stops the decoding in the workers."""
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"a stream decodes one batch: {len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
+        self.validate(prompts, params, add_special_tokens)
+        batch = self.tokenizer(prompts, padding=True, add_special_tokens=add_special_tokens)
+        key = uuid.uuid4().hex
+        self.llm.collective_rpc("starquant_stream_open", args=(key, batch["input_ids"], batch["attention_mask"],
+                                                                asdict(params)))
+        done = False
+        try:
+            while not done:
+                update = self.llm.collective_rpc("starquant_stream_advance", args=(key, steps_per_update))[0]
+                done = update["done"]
+                generated = update["generated"]
+                progress = DiffusionProgress(update["steps"], [self._committed_text(ids) for ids in generated],
+                                             [self._canvas_tokens(ids) for ids in generated])
+                if done:
+                    texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                    progress.completions = [DiffusionCompletion(p, t, ids, update["steps"])
+                                            for p, t, ids in zip(prompts, texts, generated)]
+                yield progress
+        finally:
+            if not done:
+                self.llm.collective_rpc("starquant_stream_close", args=(key,))
+
+    def _committed_text(self, ids: list[int]) -> str:
+        """The decoded tokens before the first masked one; a trailing incomplete character (U+FFFD of
+        a multi-byte sequence split by a mask) is held back until it is complete."""
+        end = ids.index(self.mask_token_id) if self.mask_token_id in ids else len(ids)
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        return text[:-1] if end < len(ids) and text.endswith("\ufffd") else text
+
+    def _canvas_tokens(self, ids: list[int]) -> list[str | None]:
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        # None only where masked; an id the tokenizer has no token for (a model vocabulary larger
+        # than the tokenizer's) shows as "".
+        return [None if i == self.mask_token_id else (t if t is not None else "") for i, t in zip(ids, tokens)]
 
     def validate(self, prompts: list[str], params: DiffusionSamplingConfig, add_special_tokens: bool = True) -> None:
         """ValueError naming the prompt when one is empty or its canvas exceeds the model's length."""

@@ -61,7 +61,8 @@ class _DecodingRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, description="independent samples per prompt, seeds seed, seed + 1, ...")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before the first")
-    stream: Literal[False] = False
+    stream: bool = False
+    stream_canvas: bool = Field(False, description="with stream: every step's canvas (tokens, null where masked)")
     user: str | None = None
     # Diffusion decoding (LLaDA's names); defaults as in `DiffusionSamplingConfig`.
     steps: int | None = Field(None, gt=0)
@@ -70,11 +71,11 @@ class _DecodingRequest(BaseModel):
     cfg_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
     threshold: float | None = Field(None, allow_inf_nan=False)
 
-    @field_validator("n", "stream", mode="before")
+    @field_validator("n", "stream", "stream_canvas", mode="before")
     @classmethod
     def _literal_of_its_own_type(cls, value, info):
         # A literal compares equal across bool and int (True == 1, 0 == False) even in strict mode.
-        if info.field_name == "stream" and not isinstance(value, bool):
+        if info.field_name in ("stream", "stream_canvas") and not isinstance(value, bool):
             raise ValueError(f"must be a boolean, got {type(value).__name__}")
         if info.field_name == "n" and isinstance(value, bool):
             raise ValueError("must be an integer, got bool")
@@ -96,6 +97,10 @@ class _DecodingRequest(BaseModel):
         the seeds of `n` samples leave the seed's range."""
         if self.seed + self.n - 1 > MAX_SEED:
             raise InputError(f"seed: {self.seed} + n - 1 exceeds {MAX_SEED} (sample i uses seed + i)")
+        if self.stream and self.n > 1:
+            raise InputError("n: a streamed request decodes one sample per prompt (n = 1)")
+        if self.stream_canvas and not self.stream:
+            raise InputError("stream_canvas: needs stream: true")
         for name in ("max_tokens", "steps", "block_length"):
             value = getattr(self, name)
             if value is not None and value > max_sequence_length:
@@ -161,30 +166,44 @@ class Overloaded(Exception):
     """More prompts are waiting than the server accepts (it can drain: retry later)."""
 
 
+class _BatchCancelled(Exception):
+    """Every client of a streaming batch went away: its decoding stopped."""
+
+
 @dataclass
 class _Pending:
     prompts: list[str]
     sampling: DiffusionSamplingConfig
     future: asyncio.Future = field(repr=False)
     add_special_tokens: bool = True  # False for chat prompts: the template wrote them
+    # Streaming: called on the event loop with this request's rows of each `DiffusionProgress`.
+    listener: object = field(default=None, repr=False)
+    cancelled: bool = False  # the client went away: its batch stops once no one else waits on it
 
 
 class DiffusionBatcher:
     """Decodes waiting requests in batches: one engine call at a time, and each call takes
     every waiting request whose settings equal the oldest one's, up to `max_batch_size` prompts.
 
+    A batch with a streaming request (a `listener`) decodes with `generate_stream`, and every
+    progress update reaches the listeners; a batch whose requests were all cancelled stops.
+
     Args:
-        generate: `(prompts, sampling) -> completions`, blocking (run in a worker thread).
+        generate: `(prompts, sampling, add_special_tokens=) -> completions`, blocking (run in a worker thread).
         max_batch_size: prompts per engine call.
         max_pending: prompts allowed to wait; beyond it `submit` raises `Overloaded`.
+        generate_stream: `(prompts, sampling, add_special_tokens=) -> iterator of DiffusionProgress`
+            (the last with `completions`), for streaming requests.
     """
 
-    def __init__(self, generate, max_batch_size: int = 64, max_pending: int = 256):
+    def __init__(self, generate, max_batch_size: int = 64, max_pending: int = 256, generate_stream=None):
         self.generate = generate
+        self.generate_stream = generate_stream
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.waiting: list[_Pending] = []
         self.batches_run = 0
+        self.batches_cancelled = 0  # streaming batches stopped because every client went away
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -200,7 +219,9 @@ class DiffusionBatcher:
         if self._task is not None:
             self._task.cancel()
 
-    async def submit(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool = True) -> list:
+    def enqueue(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool = True,
+                listener=None) -> _Pending:
+        """Queue a request; its `future` gets the completions. InputError / Overloaded when it cannot wait."""
         if len(prompts) > self.max_pending:  # would never fit, however empty the queue: not "retry later"
             raise InputError(
                 f"prompt: {len(prompts)} prompts in one request exceed max_pending={self.max_pending}, "
@@ -208,12 +229,20 @@ class DiffusionBatcher:
             )
         if self.pending_prompts + len(prompts) > self.max_pending:
             raise Overloaded(f"{self.pending_prompts} prompts are waiting (max_pending={self.max_pending})")
-        pending = _Pending(prompts, sampling, asyncio.get_running_loop().create_future(), add_special_tokens)
+        pending = _Pending(prompts, sampling, asyncio.get_running_loop().create_future(), add_special_tokens, listener)
         self.waiting.append(pending)
         self._wakeup.set()
-        return await pending.future
+        return pending
+
+    async def submit(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool = True) -> list:
+        return await self.enqueue(prompts, sampling, add_special_tokens).future
 
     def _take_batch(self) -> list[_Pending]:
+        for gone in [p for p in self.waiting if p.cancelled]:  # streamed requests whose client left while waiting
+            self.waiting.remove(gone)
+            gone.future.cancel()
+        if not self.waiting:
+            return []
         first = self.waiting[0]
         batch, size = [], 0
         for pending in list(self.waiting):
@@ -224,6 +253,29 @@ class DiffusionBatcher:
                 self.waiting.remove(pending)
         return batch
 
+    def _decode(self, batch: list[_Pending], loop) -> list:
+        """The batch's completions, in its prompts' order (blocking: runs in a worker thread)."""
+        prompts = [p for pending in batch for p in pending.prompts]
+        first = batch[0]
+        if not any(pending.listener for pending in batch) or self.generate_stream is None:
+            return self.generate(prompts, first.sampling, add_special_tokens=first.add_special_tokens)
+        updates = self.generate_stream(prompts, first.sampling, add_special_tokens=first.add_special_tokens)
+        try:
+            for progress in updates:
+                start = 0
+                for pending in batch:
+                    if pending.listener is not None and not pending.cancelled:
+                        rows = slice(start, start + len(pending.prompts))
+                        loop.call_soon_threadsafe(pending.listener, progress, rows)
+                    start += len(pending.prompts)
+                if progress.completions is not None:
+                    return progress.completions
+                if all(pending.cancelled for pending in batch):
+                    raise _BatchCancelled("every request of the batch was cancelled")
+        finally:
+            updates.close()  # stops the workers' decoding when it did not finish
+        raise RuntimeError("the decoding stream ended without completions")
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -231,11 +283,12 @@ class DiffusionBatcher:
             self._wakeup.clear()
             while self.waiting:
                 batch = self._take_batch()
-                prompts = [p for pending in batch for p in pending.prompts]
+                if not batch:
+                    break
                 try:
-                    completions = await loop.run_in_executor(
-                        None, lambda: self.generate(prompts, batch[0].sampling, add_special_tokens=batch[0].add_special_tokens))
-                except Exception as error:  # one failed batch must not stop the server
+                    completions = await loop.run_in_executor(None, self._decode, batch, loop)
+                except Exception as error:  # one failed (or cancelled) batch must not stop the server
+                    self.batches_cancelled += isinstance(error, _BatchCancelled)
                     for pending in batch:
                         if not pending.future.done():
                             pending.future.set_exception(error)
@@ -306,9 +359,10 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
-    batcher = DiffusionBatcher(llm.generate, max_batch_size, max_pending)
+    batcher = DiffusionBatcher(llm.generate, max_batch_size, max_pending, getattr(llm, "generate_stream", None))
     max_sequence_length, mask_token_id = llm.max_sequence_length, llm.mask_token_id
     # Validation gets its own tokenizer: the engine's pads batches in the decoding thread, and a
     # fast tokenizer whose padding is switched while another thread encodes fails ("Already borrowed").
@@ -367,7 +421,8 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "pending_prompts": batcher.pending_prompts, "batches_run": batcher.batches_run}
+        return {"status": "ok", "pending_prompts": batcher.pending_prompts, "batches_run": batcher.batches_run,
+                "batches_cancelled": batcher.batches_cancelled}
 
     @app.get("/v1/models")
     async def models():
@@ -389,6 +444,15 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         if parsed.model is not None and parsed.model != served_model_name:
             return _error(404, f"model {parsed.model!r} is not served here (serving {served_model_name!r})",
                           "invalid_request_error")
+        if parsed.stream:
+            queue: asyncio.Queue = asyncio.Queue()
+            try:
+                pending = batcher.enqueue(prompts, sampling, not chat, listener=lambda *update: queue.put_nowait(update))
+            except Overloaded as error:
+                return _error(503, f"server overloaded, retry later: {error}", "overloaded_error")
+            except ValueError as error:
+                return _error(400, str(error), "invalid_request_error")
+            return StreamingResponse(_events(parsed, chat, pending, queue), media_type="text/event-stream")
         try:
             # Sample i of every prompt decodes with seed + i (its own batch: settings differ).
             samples = await asyncio.gather(*(
@@ -422,6 +486,78 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    async def _events(parsed: _DecodingRequest, chat: bool, pending: _Pending, queue: asyncio.Queue):
+        """Server-sent events of a streamed request (OpenAI's chunks): each carries the text committed
+        since the last one, in order (the generation's prefix up to its first masked position);
+        `stream_canvas` adds each step's canvas. Ends with the finish reasons and `data: [DONE]`.
+        A client that goes away cancels its request (and its batch once no one else waits on it)."""
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        stops, count = parsed.stop_strings(), len(pending.prompts)
+        sent, finished = [""] * count, [False] * count
+
+        def event(choices: list[dict]) -> str:
+            return "data: " + json.dumps({
+                "id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": served_model_name, "choices": choices}) + "\n\n"
+
+        def choice(index: int, text: str, finish_reason: str | None, canvas=None) -> dict:
+            item = {"index": index, "finish_reason": finish_reason}
+            item.update({"delta": {"content": text}} if chat else {"text": text, "logprobs": None})
+            if canvas is not None:
+                item["canvas"] = canvas
+            return item
+
+        def advance(index: int, text: str) -> tuple[str, str | None]:
+            """The new text of choice `index` (cut at a stop string) and its finish reason."""
+            text, reason = _apply_stop(text, stops)
+            if not text.startswith(sent[index]):
+                return "", reason if reason == "stop" else None  # never retract what was sent
+            delta, sent[index] = text[len(sent[index]):], text
+            return delta, reason if reason == "stop" else None
+
+        try:
+            if chat:
+                yield event([{"index": i, "delta": {"role": "assistant"}, "finish_reason": None} for i in range(count)])
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, pending.future}, return_when=asyncio.FIRST_COMPLETED)
+                updates = [getter.result()] if getter.done() else []
+                getter.cancel()
+                while not queue.empty():
+                    updates.append(queue.get_nowait())
+                for progress, rows in updates:
+                    choices = []
+                    for i, row in enumerate(range(rows.start, rows.stop)):
+                        if finished[i]:
+                            continue
+                        delta, reason = advance(i, progress.committed_texts[row])
+                        finished[i] = reason == "stop"
+                        canvas = progress.canvases[row] if parsed.stream_canvas else None
+                        if delta or reason or canvas is not None:
+                            choices.append(choice(i, delta, reason, canvas))
+                    if choices:
+                        yield event(choices)
+                if all(finished):
+                    break  # every choice hit a stop string: its decoding is not needed any more
+                if pending.future.done():
+                    error = pending.future.exception()
+                    if error is not None:
+                        yield "data: " + json.dumps({"error": {"message": f"decoding failed: {error}",
+                                                               "type": "internal_error", "code": 500}}) + "\n\n"
+                        break
+                    choices = []
+                    for i, completion in enumerate(pending.future.result()):
+                        if not finished[i]:
+                            delta, reason = advance(i, completion.text)
+                            choices.append(choice(i, delta, reason or "length"))
+                    if choices:
+                        yield event(choices)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not pending.future.done():
+                pending.cancelled = True
 
     @app.post("/v1/completions")
     async def completions(request: Request):

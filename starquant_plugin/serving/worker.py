@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..diffusion import DiffusionSamplingConfig, diffusion_generate
+from ..diffusion import DiffusionSamplingConfig, diffusion_generate, diffusion_steps
 from ..models.family import family_of
 
 __all__ = ["DiffusionWorkerExtension"]
@@ -67,6 +67,41 @@ class DiffusionWorkerExtension:
                 logits_window=True,
             )
         return {"generated": output.generated.cpu().tolist(), "steps": output.steps}
+
+    def starquant_stream_open(self, key: str, input_ids: list[list[int]], attention_mask: list[list[int]],
+                              sampling: dict) -> None:
+        """Start decoding a batch step by step (`starquant_stream_advance`), under `key`."""
+        model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
+        steps = diffusion_steps(_predictions_fn(model), ids, model.config.mask_token_id,
+                                DiffusionSamplingConfig(**sampling), mask, logits_window=True)
+        self.__dict__.setdefault("_starquant_streams", {})[key] = (steps, ids.shape[1])
+
+    def starquant_stream_advance(self, key: str, max_steps: int) -> dict:
+        """Up to `max_steps` more steps of stream `key`: {"generated": ids [batch, gen_length] of the
+        canvas now (the mask id where still masked), "steps": steps so far, "done": finished}. A
+        finished stream is closed."""
+        streams = self.__dict__.get("_starquant_streams", {})
+        steps, prompt_length = streams[key]
+        mask_token_id = self.model_runner.get_model().config.mask_token_id
+        canvas, taken, done = None, None, False
+        with torch.inference_mode():
+            for index in range(max_steps + 1):
+                # One more resumption once nothing is masked: it finishes without a model call, so
+                # the last step's update is also the final one.
+                if index == max_steps and (canvas is None or bool((canvas[:, prompt_length:] == mask_token_id).any())):
+                    break
+                try:
+                    step = next(steps)
+                except StopIteration as finished:
+                    canvas, taken, done = finished.value.sequences, finished.value.steps, True
+                    del streams[key]
+                    break
+                canvas, taken = step.canvas, step.step + 1
+        return {"generated": canvas[:, prompt_length:].cpu().tolist(), "steps": taken, "done": done}
+
+    def starquant_stream_close(self, key: str) -> None:
+        """Drop stream `key` (a cancelled request); its generator and canvases are freed."""
+        self.__dict__.get("_starquant_streams", {}).pop(key, None)
 
     def starquant_bench_steps(
         self, batch: int, prompt_length: int, sampling: dict, steps: int, warmup: int, logits_window: bool, seed: int

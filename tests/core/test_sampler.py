@@ -413,3 +413,26 @@ def test_top_k_one_samples_the_argmax_at_any_temperature():
         sampled = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(
             gen_length=6, steps=6, temperature=2.0, top_k=1, seed=seed))
         assert torch.equal(sampled.sequences, greedy.sequences)
+
+
+def test_stepwise_decoding_is_diffusion_generate_one_step_at_a_time():
+    """`diffusion_steps` (streaming) yields every step's canvas; its result is `diffusion_generate`'s."""
+    from starquant_plugin.diffusion import diffusion_steps
+
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    config = DiffusionSamplingConfig(gen_length=8, steps=8, block_length=4, temperature=1.0, seed=3)
+    expected = diffusion_generate(content_logits, prompt, MASK, config)
+    steps, canvases = diffusion_steps(content_logits, prompt, MASK, config), []
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as finished:
+            output = finished.value
+            break
+        canvases.append(step.canvas)
+        assert torch.is_grad_enabled()  # each resumption's no_grad does not leak to the caller
+    assert torch.equal(output.sequences, expected.sequences) and output.steps == expected.steps == len(canvases)
+    assert torch.equal(canvases[-1], expected.sequences)
+    for before, after in zip(canvases, canvases[1:]):  # committed tokens stay; one step commits more
+        committed = before != MASK
+        assert torch.equal(after[committed], before[committed]) and (after != MASK).sum() > committed.sum()

@@ -1,4 +1,4 @@
-"""`starquant serve`: OpenAI-compatible completions over a real vLLM engine, on loopback.
+"""`starquant serve`: OpenAI-compatible completions (chat, streaming) over a real vLLM engine, on loopback.
 
 The batching policy is unit-tested on `DiffusionBatcher` with a slow stand-in generator, and
 the event loop's freedom on the app with a slow stand-in tokenizer (no engine); everything
@@ -6,6 +6,7 @@ else talks HTTP to one real `starquant serve` subprocess.
 """
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -186,7 +187,8 @@ def test_completions_match_core_under_a_concurrent_burst(server):
         ({"prompt": "abc", "max_tokens": 8, "block_length": 3}, 400, "does not divide"),
         ({"prompt": "abc", "max_tokens": 8, "steps": 3, "block_length": 4}, 400, "steps"),
         ({"prompt": "abc", "max_tokens": 4, "block_lenght": 2}, 400, "block_lenght"),
-        ({"prompt": "abc", "max_tokens": 4, "stream": True}, 400, "stream"),
+        ({"prompt": "abc", "max_tokens": 4, "stream": True, "n": 2}, 400, "n: a streamed request decodes one sample"),
+        ({"prompt": "abc", "max_tokens": 4, "stream_canvas": True}, 400, "stream_canvas: needs stream: true"),
         ({"prompt": "abc", "max_tokens": 4, "remasking": "sometimes"}, 400, "remasking"),
         ({"prompt": "abc", "max_tokens": 4, "threshold": 2.0}, 400, "threshold"),
         ({"prompt": "abc", "max_tokens": 1000}, 400, "max_sequence_length"),
@@ -341,7 +343,7 @@ def _chat(base, **body):
         ({"messages": [{"role": "robot", "content": "abc"}]}, "messages.0.role: Input should be 'system', 'user' or"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content: Input should be a valid string"),
         ({"prompt": "abc"}, "messages: Field required"),
-        ({"messages": [{"role": "user", "content": "abc"}], "stream": True}, "stream"),
+        ({"messages": [{"role": "user", "content": "abc"}], "stream_canvas": 1}, "stream_canvas: Value error, must be a"),
     ],
 )
 def test_chat_requests_without_a_template_or_with_bad_messages_are_400(server, body, message):
@@ -376,6 +378,62 @@ def test_chat_completions_answer_through_the_shipped_chat_template(family):
             completion = _complete(base, prompt=example.prompt, **settings).json()
             assert completion["choices"][0]["text"] == example.answer
             assert body["usage"]["prompt_tokens"] == completion["usage"]["prompt_tokens"]  # one BOS, not two
+        streamed = _stream(base, "/v1/chat/completions", messages=messages, **settings)
+        assert streamed[0]["object"] == "chat.completion.chunk"
+        assert streamed[0]["choices"] == [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]
+        assert "".join(c["delta"].get("content", "") for e in streamed for c in e["choices"]) == example.answer
         refused = _chat(base, messages=[{"role": "system", "content": "hi"}], **settings)
         assert refused.status_code == 400
         assert "the chat template refused them: a conversation needs a user message" in refused.json()["error"]["message"]
+
+
+def _stream(base, path="/v1/completions", **body) -> list[dict]:
+    """The events of a streamed request, `[DONE]` checked and dropped."""
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(item) for item in data[:-1]]
+
+
+@pytest.mark.slow
+def test_streamed_chunks_concatenate_to_the_non_streamed_text(server):
+    base, _ = server
+    body = dict(prompt=["abc", "hello world"], max_tokens=8, steps=8, block_length=4)
+    expected = [c["text"] for c in _complete(base, **body).json()["choices"]]
+    events = _stream(base, **body)
+    assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+    texts, reasons, pieces = ["", ""], [None, None], 0
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+            pieces += bool(choice["text"])
+            reasons[choice["index"]] = choice["finish_reason"] or reasons[choice["index"]]
+    assert texts == expected and reasons == ["length", "length"]
+    assert pieces > 2  # the text arrived in pieces as it was committed, not at the end
+    # stream_canvas: every step's canvas, committed positions kept and masked ones filling in.
+    canvases = [c["canvas"] for e in _stream(base, **body, stream_canvas=True) for c in e["choices"]
+                if c["index"] == 0 and "canvas" in c]
+    assert len(canvases) == 8 and all(len(c) == 8 for c in canvases) and None not in canvases[-1]
+    masked = [sum(t is None for t in c) for c in canvases]
+    assert masked == sorted(masked, reverse=True) and masked[0] == 7  # one token committed per step
+    stopped = _stream(base, prompt="abc", max_tokens=8, steps=8, block_length=4, stop=expected[0][2:3])
+    text = "".join(c["text"] for e in stopped for c in e["choices"])
+    assert text == expected[0][:expected[0].index(expected[0][2])]
+    assert stopped[-1]["choices"][-1]["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_cancels_its_decoding(server):
+    base, _ = server
+    before = httpx.get(f"{base}/health").json()["batches_cancelled"]
+    body = dict(prompt="abc", max_tokens=200, steps=200, block_length=200, seed=11, stream=True)
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert json.loads(first.removeprefix("data: "))["choices"]
+    deadline = time.time() + 60
+    while httpx.get(f"{base}/health").json()["batches_cancelled"] == before:  # stopped after the disconnect
+        assert time.time() < deadline, "the decoding went on after its client disconnected"
+        time.sleep(0.2)
+    assert httpx.get(f"{base}/health").json()["pending_prompts"] == 0
+    assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
