@@ -283,11 +283,20 @@ def serve_subprocess(directory: Path, *arguments: str, timeout: float = 240):
                 time.sleep(1)
         yield base
     finally:
+        import psutil
+
+        engine = [child for child in (psutil.Process(process.pid).children(recursive=True) if process.poll() is None else [])
+                  if child.name().startswith("VLLM")]  # not the multiprocessing resource tracker
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        # SIGTERM must stop the engine's processes too (they hold the model): none may outlive the server.
+        _, alive = psutil.wait_procs(engine, timeout=30)
+        for leftover in alive:
+            leftover.kill()
+        assert not alive, f"starquant serve left {len(alive)} engine process(es) running after SIGTERM"
 
 
 def eval_exact_match(directory: Path, out: Path, *extra: str) -> float:

@@ -352,10 +352,12 @@ async def _read_body(request, max_body_bytes: int) -> bytes:
 
 
 def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending: int = 256,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = 16):
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = 16, on_shutdown=None):
     """The FastAPI app around a `DiffusionLLM` (or anything with `generate`, `tokenizer`,
     `mask_token_id` and `max_sequence_length`); `default_max_tokens` for requests without
-    `max_tokens` (`serve` takes the model's generation_config.json `max_new_tokens`)."""
+    `max_tokens` (`serve` takes the model's generation_config.json `max_new_tokens`); `on_shutdown`
+    runs when the server stops (`serve`: the engine's processes are stopped there, since uvicorn
+    ends the process with the signal it caught once the app has shut down)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -413,8 +415,12 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        yield
-        await batcher.stop()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            if on_shutdown is not None:
+                on_shutdown()
 
     app = FastAPI(title="starquant diffusion server", lifespan=lifespan)
     app.state.batcher = batcher
@@ -602,9 +608,10 @@ def serve(
 
     from .engine import DiffusionLLM
 
+    max_tokens = default_max_tokens(model_dir)  # a bad generation_config.json is refused before the engine starts
     llm = DiffusionLLM(model_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_batch_size=max_batch_size)
     name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
-    app = build_app(llm, name, max_batch_size, max_pending, max_body_bytes, default_max_tokens(model_dir))
+    app = build_app(llm, name, max_batch_size, max_pending, max_body_bytes, max_tokens, on_shutdown=llm.close)
     logger.info(f"serving {model_dir} as {name!r} on http://{host}:{port}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
