@@ -9,6 +9,7 @@ loop runs inside vLLM's workers (`serving.worker`), one RPC per batch of prompts
     print(outputs[0].text)
 """
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -84,6 +85,27 @@ def _cpu_rank_binding(ranks: int):
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
+class _NoChatWarmupWarning(logging.Filter):
+    """vLLM's `LLM` renders a dummy conversation ("warmup") with the tokenizer's chat template at
+    start-up and logs a traceback when the tokenizer cannot encode it (the shipped character-level
+    models have no letters). Diffusion decoding never uses vLLM's chat rendering (the server
+    renders chats itself), so that warning is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+@contextmanager
+def _without_chat_warmup_warning():
+    log = logging.getLogger("vllm.renderers.base")
+    quiet = _NoChatWarmupWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def checkpoint_dtype(config: dict) -> str:
     """The dtype a checkpoint was saved in (vLLM's `auto` would pick bf16 on CPU for fp32)."""
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -133,7 +155,7 @@ class DiffusionLLM:
         engine_kwargs.setdefault("enable_prefix_caching", False)
         engine_kwargs.setdefault("enforce_eager", True)
         engine_kwargs.setdefault("max_model_len", self.max_sequence_length)
-        with _cpu_rank_binding(tensor_parallel_size):
+        with _cpu_rank_binding(tensor_parallel_size), _without_chat_warmup_warning():
             self.llm = LLM(
                 model=str(model),
                 tokenizer=str(model),
