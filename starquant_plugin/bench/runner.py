@@ -25,6 +25,7 @@ from loguru import logger
 
 from ..assets import SHIPPED_CALIBRATION_SET
 from ..models.loading import read_model_config
+from ..serving.hardware import cpu_flags, hardware_precisions
 from .shapes import SHAPE_CONFIGS, base_checkpoint, build_config, full_depth
 
 __all__ = ["VARIANTS", "BenchSettings", "run_bench", "machine_info", "versions", "format_table"]
@@ -142,29 +143,16 @@ def machine_info(threads: int | None = None) -> dict:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split())
-        info["cpu_isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                           if f in flags]
     except (OSError, StopIteration):
-        flags = set()
+        pass
+    flags = cpu_flags()
+    info["cpu_isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                       if f in flags]
     import torch
 
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info["hardware_precisions"] = hardware_precisions(flags)
     return info
-
-
-def hardware_precisions(cpu_flags: set[str]) -> dict[str, bool]:
-    """Which precisions the machine computes in hardware (the GPU's where there is one): bf16 dot
-    products (CPU: AVX512-BF16 or AMX-BF16; GPU: compute capability >= 8.0), int8 dot products
-    (CPU: VNNI or AMX-INT8; GPU: >= 7.5). fp32 always. Without bf16 units a bf16 model is emulated."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        return {"fp32": True, "bf16": major >= 8, "int8": (major, minor) >= (7, 5)}
-    return {"fp32": True, "bf16": bool(cpu_flags & {"avx512_bf16", "amx_bf16"}),
-            "int8": bool(cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"})}
 
 
 def versions() -> dict:

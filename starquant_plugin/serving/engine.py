@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import validate_checkpoint
 from ..diffusion import DiffusionSamplingConfig
+from .hardware import hardware_precisions, serving_dtype
 from .servable import check_servable
 
 __all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion", "DiffusionProgress"]
@@ -118,7 +119,8 @@ class DiffusionLLM:
     Args:
         model: checkpoint directory.
         tensor_parallel_size: vLLM tensor-parallel ranks.
-        dtype: `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`.
+        dtype: `auto` (the checkpoint's; float32 for a bf16 checkpoint on a CPU without bf16 units),
+            `float32`, `bfloat16` (`EmulatedPrecisionWarning` without bf16 units) or `float16`.
         max_batch_size: prompts decoded per RPC; larger batches are split.
         **engine_kwargs: passed to `vllm.LLM` (e.g. `max_model_len`).
     """
@@ -160,7 +162,7 @@ class DiffusionLLM:
                 model=str(model),
                 tokenizer=str(model),
                 tensor_parallel_size=tensor_parallel_size,
-                dtype=checkpoint_dtype(config) if dtype == "auto" else dtype,
+                dtype=serving_dtype(dtype, checkpoint_dtype(config), hardware_precisions()),
                 worker_extension_cls=WORKER_EXTENSION,
                 **engine_kwargs,
             )
