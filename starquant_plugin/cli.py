@@ -78,7 +78,8 @@ def _name_list(text: str) -> list[str]:
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
+    parser.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format, or a hub id in the "
+                        "local Hugging Face cache (default: the shipped model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device for the core backend, e.g. cpu or cuda")
     parser.add_argument(
@@ -119,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(evaluate, "tokens to generate (default: the longest answer in tokens)")
 
     quantize = commands.add_parser("quantize", help="calibrate with a recipe and write a compressed checkpoint")
-    quantize.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
+    quantize.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format, or a hub id in the "
+                          "local Hugging Face cache (default: the shipped model)")
+    quantize.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                          help="precision the model is loaded and calibrated in (default: the checkpoint's)")
     quantize.add_argument("--recipe", type=Path, required=True, help="llm-compressor YAML recipe (see recipes/)")
     quantize.add_argument("--output", type=Path, required=True, help="checkpoint directory to create")
     quantize.add_argument("--dataset", type=Path, help='JSON lines {"prompt","answer"} or {"text"} (default: MODEL/calibration.jsonl)')
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server on a vLLM engine")
-    serve.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format (default: the shipped model)")
+    serve.add_argument("model", nargs="?", type=Path, help="model directory, LLaDA or Dream format, or a hub id in the "
+                       "local Hugging Face cache (default: the shipped model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_integer, default=8000)
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: the directory name)")
@@ -186,9 +191,11 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _resolve_model(args: argparse.Namespace) -> Path:
+    """MODEL: a directory, or a hub id in the local Hugging Face cache; none: the shipped model."""
     from .assets import SHIPPED_MODEL
+    from .models.loading import resolve_model
 
-    return args.model if args.model is not None else SHIPPED_MODEL
+    return resolve_model(args.model) if args.model is not None else SHIPPED_MODEL
 
 
 def _print_table(result, model_dir: Path) -> None:
@@ -339,7 +346,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     with _interrupts_raise():
         summary = quantize(
             _resolve_model(args), args.recipe, args.output, args.dataset, args.num_samples,
-            args.samples_per_record, args.seed, args.overwrite,
+            args.samples_per_record, args.seed, args.overwrite, dtype=args.dtype,
         )
     ratio = summary["original_weights_bytes"] / max(summary["weights_bytes"], 1)
     print(

@@ -136,6 +136,7 @@ def quantize(
     samples_per_record: int = 4,
     seed: int = 0,
     overwrite: bool = False,
+    dtype: str = "auto",
 ) -> dict:
     """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds, and
     `core_only`: why vLLM could not serve the result, empty when it can; `tensor_parallel`: per
@@ -167,7 +168,7 @@ def quantize(
             random.Random(seed).shuffle(records)
             records = records[: max(1, num_samples // samples_per_record)]
         with report.stage("load model"):
-            model, tokenizer = load_checkpoint(model_dir)
+            model, tokenizer = load_checkpoint(model_dir, dtype=dtype)
         refuse_tied_embedding_quantization(instance, model, recipe)
         recipe_check = check_recipe(instance.modifiers, model, source=str(recipe))
         with report.stage("calibration data"):

@@ -5,6 +5,7 @@ Loading a model, full precision or quantized, lives above `models/` and `checkpo
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,11 +14,30 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..errors import InputError
 from .family import family_of
 
-__all__ = ["DTYPES", "PICKLE_SUFFIXES", "read_model_config", "load_tokenizer"]
+__all__ = ["DTYPES", "PICKLE_SUFFIXES", "read_model_config", "load_tokenizer", "resolve_model"]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.save / pickle files: loading one can run arbitrary code, so they are never read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint directory, or a hub id (`GSAI-ML/LLaDA-8B-Instruct`) resolved from the local
+    Hugging Face cache without any download (`huggingface_hub.snapshot_download(local_files_only=True)`;
+    `HF_HUB_CACHE` / `HF_HOME` say where the cache is). InputError naming `huggingface-cli download`
+    when the id is not cached."""
+    path = Path(model)
+    text = str(model)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")) or any(c in text for c in " \\"):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # the cache named by the environment now (huggingface_hub reads it once, at import)
+        return Path(snapshot_download(text, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except LocalEntryNotFoundError:
+        raise InputError(f"{text}: no such directory, and not in the local Hugging Face cache; download it first: "
+                         f"huggingface-cli download {text}") from None
 
 
 def read_model_config(model_dir: str | Path) -> dict:

@@ -278,3 +278,16 @@ def test_quantize_reports_time_and_memory_per_stage(tiny_model, tmp_path, capsys
                  str(output), "--dataset", str(dataset), "--num-samples", "16"]) == 0
     names = [s["name"] for s in json.loads((output / "quantize_report.json").read_text())["stages"]]
     assert names == ["load model", "calibration data", "weight quantizer", "save", "other"]
+
+
+def test_dtype_sets_the_precision_the_model_is_calibrated_and_written_in(tiny_model, tmp_path, capsys):
+    directory, dataset, _ = tiny_model
+    output = tmp_path / "bf16"
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines/rtn_w8a8.yaml"), "--output",
+                 str(output), "--dataset", str(dataset), "--num-samples", "8", "--dtype", "bfloat16"]) == 0
+    assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(output / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16", "I8"}  # float tensors in bf16, int8 codes
+    assert "weights on disk" in capsys.readouterr().out

@@ -185,3 +185,25 @@ def test_vllm_commands_outside_the_serve_environment_say_where_to_run(tiny_check
     assert "run it from the serve environment (.venv/serve)" in _error(capsys)
     assert main(["serve", str(tiny_checkpoint[0])]) == 2
     assert "serve needs vLLM" in _error(capsys)
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch, capsys):
+    """`starquant eval ORG/NAME` resolves a model the Hugging Face cache holds (no download); an id
+    it does not hold is one error naming `huggingface-cli download`."""
+    import shutil
+
+    from starquant_plugin.assets import SHIPPED_MODEL
+    from starquant_plugin.cli import main
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llada" / "snapshots" / "0123abc"
+    shutil.copytree(SHIPPED_MODEL, snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-llada" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-llada" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # `acme/tiny-llada` is no directory here
+    out = tmp_path / "eval.json"
+    assert main(["eval", "acme/tiny-llada", "--limit", "4", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 4
+    assert main(["eval", "acme/absent", "--limit", "4"]) == 2
+    assert "acme/absent: no such directory, and not in the local Hugging Face cache; download it first: " \
+           "huggingface-cli download acme/absent" in capsys.readouterr().err
