@@ -1,5 +1,6 @@
 """`make setup` rebuilds the serve environment when its requirements change, including a switch
-to the CUDA vLLM wheel (its stamp names the requirements file and a hash of it)."""
+to the CUDA vLLM wheel (its stamp names the requirements file and a hash of it). In the serve
+suite: `make test-serve` has built (and stamped) that environment before it runs."""
 
 import os
 import shutil
