@@ -7,7 +7,7 @@ as plain dicts (`{"weights": {...}, "input_activations": {...}}`), as in `config
 
 from enum import Enum
 
-__all__ = ["INT4_CPU_GROUPS", "PACKED_FORMAT", "describe_scheme", "sgat_scheme_problem", "unservable_reason"]
+__all__ = ["INT4_CPU_GROUPS", "PACKED_FORMAT", "describe_scheme", "enum_value", "sgat_scheme_problem", "unservable_reason"]
 
 PACKED_FORMAT = "pack-quantized"
 # Weight group sizes of torch's packed int4 CPU GEMM (`_weight_int4pack_mm_for_cpu`), which serves
@@ -15,7 +15,8 @@ PACKED_FORMAT = "pack-quantized"
 INT4_CPU_GROUPS = (32, 64, 128, 256)
 
 
-def _value(value):
+def enum_value(value):
+    """A compressed-tensors enum field (type, strategy, format) as its plain value."""
     return value.value if isinstance(value, Enum) else value
 
 
@@ -23,7 +24,7 @@ def _args(scheme: dict, key: str) -> dict | None:
     args = scheme.get(key)
     if args is None:
         return None
-    return {name: _value(value) for name, value in args.items()}
+    return {name: enum_value(value) for name, value in args.items()}
 
 
 def describe_scheme(scheme: dict) -> str:
@@ -84,9 +85,9 @@ def unservable_reason(scheme: dict, sgat_site: bool, on_cpu: bool | None = None)
         return "int4 activations are served with int4 weights only"
     if not activations.get("dynamic") or activations.get("strategy") != "token":
         return "only dynamic per-token activation quantization is served"
-    if on_cpu is False and activations["num_bits"] == 4 and _value(scheme.get("format")) != PACKED_FORMAT:
+    if on_cpu is False and activations["num_bits"] == 4 and enum_value(scheme.get("format")) != PACKED_FORMAT:
         return (f"vLLM's int4-activation scheme (WNA4Int) reads {PACKED_FORMAT} weights, this layer is stored "
-                f"{_value(scheme.get('format'))} (quantize it again with `starquant quantize`, which packs 4-bit weights)")
+                f"{enum_value(scheme.get('format'))} (quantize it again with `starquant quantize`, which packs 4-bit weights)")
     if on_cpu and weights["num_bits"] == 4 and weights.get("group_size") not in INT4_CPU_GROUPS:
         return (f"the CPU int4 GEMM takes weight groups of {', '.join(map(str, INT4_CPU_GROUPS))}, this layer's are "
                 f"{weights.get('group_size')}")

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.family import family_of
 from .config import SGATSettings, StarQuantConfig, TACSettings
-from .schemes import PACKED_FORMAT
+from .schemes import PACKED_FORMAT, enum_value
 
 __all__ = [
     "atomic_output_dir", "check_output_dir", "install_save_hook", "pack_low_bit_weights",
@@ -71,9 +71,9 @@ def pack_low_bit_weights(model: nn.Module) -> list[str]:
         scheme = getattr(module, "quantization_scheme", None)
         weights = getattr(scheme, "weights", None)
         activations = getattr(scheme, "input_activations", None)
-        if weights is None or _value(weights.type) != "int" or weights.num_bits >= 8:
+        if weights is None or enum_value(weights.type) != "int" or weights.num_bits >= 8:
             continue
-        if activations is not None and _value(activations.type) != "int":
+        if activations is not None and enum_value(activations.type) != "int":
             continue  # float activations: not a pack-quantized scheme
         if scheme.format is None:
             scheme.format = PACKED_FORMAT
@@ -82,9 +82,6 @@ def pack_low_bit_weights(model: nn.Module) -> list[str]:
             switched.append(name)
     return switched
 
-
-def _value(field):
-    return getattr(field, "value", field)
 
 
 def install_save_hook(model: nn.Module) -> None:

@@ -54,7 +54,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...checkpoint.config import StarQuantConfig as StarQuantBlock
-from ...checkpoint.schemes import INT4_CPU_GROUPS
+from ...checkpoint.schemes import INT4_CPU_GROUPS, enum_value
 from ...models.family import family_of, known_model_types
 from ...quantization.hadamard import rotation_block_for
 from ...quantization.quantizers import quantize_per_token
@@ -134,7 +134,7 @@ class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
         cpu_int4 = not torch.cuda.is_available() and _int4_weights_with_activations(weights, activations)
         if block is None and not cpu_int4:
             return method
-        if activations is not None and not (activations.dynamic and _value(activations.strategy) == "token"):
+        if activations is not None and not (activations.dynamic and enum_value(activations.strategy) == "token"):
             raise ValueError(
                 f"{prefix}: STaR-Quant needs dynamic per-token activation quantization, got "
                 f"strategy={activations.strategy} dynamic={activations.dynamic}"
@@ -149,9 +149,6 @@ class StarQuantCompressedTensorsConfig(CompressedTensorsConfig):
         )
 
 
-def _value(field):
-    return getattr(field, "value", field)
-
 
 def _int4_weights_with_activations(weights, activations, bits: int | None = None) -> bool:
     """int4 weights with dynamic per-token int activations (of `bits` bits, if given); the
@@ -160,9 +157,9 @@ def _int4_weights_with_activations(weights, activations, bits: int | None = None
         return False
     get = (lambda args, key: args.get(key)) if isinstance(weights, dict) else getattr
     return (
-        _value(get(weights, "type")) == "int" and get(weights, "num_bits") == 4
-        and _value(get(activations, "type")) == "int" and bool(get(activations, "dynamic"))
-        and _value(get(activations, "strategy")) == "token" and (bits is None or get(activations, "num_bits") == bits)
+        enum_value(get(weights, "type")) == "int" and get(weights, "num_bits") == 4
+        and enum_value(get(activations, "type")) == "int" and bool(get(activations, "dynamic"))
+        and enum_value(get(activations, "strategy")) == "token" and (bits is None or get(activations, "num_bits") == bits)
     )
 
 
