@@ -2,10 +2,12 @@
 and compare: exact match, masked NLL, drift.
 
     .venv/compress/bin/python examples/compare.py [--model DIR] [--limit N] [--only NAME ...]
+    .venv/compress/bin/python examples/compare.py [--model DIR] [--docs DIR] --plots-only
 
 Writes `docs/results.md` (table + the commands), `docs/results.json`, and PNG plots in
 `docs/figures/`: activation ranges per layer for masked vs unmasked tokens, and drift per
 denoising step for STaR-Quant W4A4 with and without TAC. Every number is measured in the run.
+`--plots-only` redraws the figures from an existing results.json without measuring anything.
 """
 
 import argparse
@@ -67,43 +69,82 @@ def activation_ranges(model, tokenizer, examples, mask_token_id):
     return ranges
 
 
-def plot(results: dict, ranges: dict, figures: Path) -> list[str]:
+def model_name(path: Path) -> str:
+    """The checkpoint directory's name, which names the model in the figures (`llada-tiny-arith`, ...)."""
+    return path.resolve().name
+
+
+def plot(results: dict, ranges: dict, figures: Path, model: str, drift_prompts: int) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figures.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
     layers = range(len(ranges["masked"]))
     ax.plot(layers, ranges["masked"], "o-", label="masked tokens")
     ax.plot(layers, ranges["unmasked"], "s-", label="unmasked tokens")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean per-token absmax (attention input)")
-    ax.set_title("Activation range by token state (FP)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (block index, 0 = first)")
+    ax.set_ylabel("mean per-token absmax of the\nattention input (activation value)")
+    ax.set_title(f"{model}: activation range by token state (full precision)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(figures / "activation_ranges.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    curves = (("starquant_w4a4", "SGAT + TAC", "C0", "-"), ("starquant_w4a4_notac", "SGAT only", "C0", "--"),
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    curves = (("starquant_w4a4", "STaR-Quant (SGAT + TAC)", "C0", "-"), ("starquant_w4a4_notac", "SGAT only", "C0", "--"),
               ("gptq_w4a4_tac", "GPTQ + TAC", "C1", "-"), ("gptq_w4a4", "GPTQ only", "C1", "--"))
     for name, label, color, style in curves:
         if name in results and "drift" in results[name]:
             drift = results[name]["drift"]
-            axes[0].plot(drift["kl"], style, color=color, label=label)
-            axes[1].plot(drift["flipped"], style, color=color, label=label)
+            steps = range(1, len(drift["kl"]) + 1)
+            axes[0].plot(steps, drift["kl"], style, marker="o", markersize=3, color=color, label=label)
+            axes[1].plot(steps, [100 * v for v in drift["flipped"]], style, marker="o", markersize=3, color=color, label=label)
     axes[0].set_yscale("log")
-    axes[0].set_title("KL(FP || quantized) at masked positions")
-    axes[1].set_title("committed tokens differing from FP")
+    axes[0].set_title("KL(FP || quantized) at the masked positions", fontsize=10)
+    axes[0].set_ylabel("mean KL per masked position (nats, log scale)")
+    axes[1].set_title("committed tokens that differ from FP's final output", fontsize=10)
+    axes[1].set_ylabel("share of committed tokens (%)")
+    axes[1].set_ylim(bottom=0)
     for ax in axes:
-        ax.set_xlabel("denoising step")
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("denoising step (1 = first)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{model}: W4A4 drift from full precision per denoising step ({drift_prompts} prompts)", fontsize=11)
     fig.tight_layout()
     fig.savefig(figures / "drift_w4a4.png", dpi=120)
     plt.close(fig)
     return ["figures/activation_ranges.png", "figures/drift_w4a4.png"]
+
+
+def figure_markdown(figures: list[str], model: str, command: str, drift_prompts: int) -> list[str]:
+    """Each figure as an image line and an italic caption line naming the model, what is plotted and the command."""
+    described = {
+        "figures/activation_ranges.png": (
+            f"Activation range per layer by token state, {model}",
+            f"`{model}` in full precision: per layer, the mean over tokens of each token's absolute maximum at "
+            "the attention input (the normed input of q/k/v), for masked and unmasked tokens; 64 held-out "
+            "examples, each token after the first three replaced by the mask token with probability 0.5.",
+        ),
+        "figures/drift_w4a4.png": (
+            f"W4A4 drift per denoising step, {model}",
+            f"`{model}`, W4A4 with and without TAC (STaR-Quant, GPTQ): per denoising step, mean KL(FP || quantized) "
+            "at the masked positions (left, log scale) and the share of committed tokens that differ from the "
+            f"full-precision model's final output (right); {drift_prompts} held-out prompts, the quantized model's own "
+            "greedy decode.",
+        ),
+    }
+    lines = []
+    for number, figure in enumerate(figures, 1):
+        alt, caption = described[figure]
+        lines += [f"![{alt}]({figure})", "",
+                  f"*Figure {number}. {caption} Measured by `.venv/compress/bin/python {command}`; "
+                  "`--plots-only` redraws it from results.json.*", ""]
+    return lines
 
 
 def main() -> None:
@@ -117,7 +158,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all); the other rows are kept from --docs/results.json")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "compare")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--plots-only", action="store_true",
+                        help="redraw the figures under --docs/figures from --docs/results.json; measures and writes nothing else")
     args = parser.parse_args()
+    if args.plots_only:
+        stored = json.loads((args.docs / "results.json").read_text())
+        for figure in plot(stored["results"], stored["activation_ranges"], args.docs / "figures", model_name(args.model), args.drift_prompts):
+            print(args.docs / figure)
+        return
     torch.manual_seed(0)
 
     examples = load_tasks(args.model / "eval.jsonl")[: args.limit]
@@ -157,7 +205,7 @@ def main() -> None:
         kept = json.loads(previous.read_text())["results"]
         results = {name: results.get(name, row) for name, row in kept.items()} | results
     ranges = activation_ranges(reference, tokenizer, examples[:64], mask)
-    figures = plot(results, ranges, args.docs / "figures")
+    figures = plot(results, ranges, args.docs / "figures", model_name(args.model), args.drift_prompts)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     (args.docs / "results.json").write_text(json.dumps({"machine": machine, "activation_ranges": ranges, "results": results}, indent=1))
     write_markdown(args, results, figures, machine)
@@ -221,7 +269,7 @@ def write_markdown(args, results, figures, machine) -> None:
                 f"| {name} | {late_step_mean(kl):.4f} | {flipped[-1]:.4f} | {', '.join(f'{v:.4f}' for v in kl)} | "
                 f"{', '.join(f'{v:.4f}' for v in flipped)} |"
             )
-    lines += ["", *[f"![{f}]({f})" for f in figures], ""]
+    lines += ["", *figure_markdown(figures, model_name(args.model), command, args.drift_prompts)]
     target = args.docs / "results.md"
     # The hand-written sections after the generated part (from "## Reading" on) are kept.
     previous = target.read_text() if target.is_file() else ""
