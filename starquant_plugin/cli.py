@@ -101,6 +101,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, gen_length_help: st
                        help="which proposals a step commits (maskgit_plus = low_confidence; see docs/serving.md)")
     group.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale")
     group.add_argument("--threshold", type=float, help="confidence threshold for parallel decoding (Fast-dLLM)")
+    group.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                       help="approximate key/value cache of block-wise decoding (--backend vllm; docs/serving.md)")
+    group.add_argument("--cache-refresh-steps", type=_integer,
+                       help="with --cache: also refresh it every N steps inside a block (1: exact)")
     group.add_argument("--seed", type=int, default=0)
 
 
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated, from {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}; with --decoding: bf16,starquant_w4a8)")
     bench.add_argument("--steps", type=_integer, default=5, help="timed denoising steps (the median is reported)")
     bench.add_argument("--warmup", type=_integer, default=2, help="untimed steps first")
+    bench.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                       help="time decoding with this key/value cache: a whole block of steps, averaged")
     bench.add_argument("--full-lm-head", action="store_true",
                        help="run the LM head on the whole canvas (the baseline of the windowed head)")
     bench.add_argument("--json", type=Path, dest="json_out", help="write every figure as JSON here")
@@ -168,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: decoding efficiency on the shipped model (thresholds vs fixed steps)")
     bench.add_argument("--thresholds", type=_float_list, default=[0.7, 0.8, 0.9, 0.95])
     bench.add_argument("--limit", type=_integer, default=200, help="--decoding: evaluation prompts")
+
+    commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the `starquant` model: lm_eval's "
+                        "own arguments, e.g. --model starquant --model_args pretrained=DIR --tasks T (serve env)")
 
     generate = commands.add_parser("generate", help="print the generation for one prompt")
     _add_model_argument(generate)
@@ -218,6 +227,8 @@ def _load_backend(args: argparse.Namespace, model_dir: Path):
     """(generate_fn, tokenizer) of the chosen backend; see `starquant_plugin.evaluation.GenerateFn`."""
     if args.tensor_parallel_size <= 0:
         raise UsageError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
+    if args.backend == "core" and (args.cache != "none" or args.cache_refresh_steps is not None):
+        raise UsageError("--cache needs --backend vllm (the cache lives in vLLM's workers)")
     if args.backend == "core":
         from .evaluation import core_generate_fn
         from .loading import load as load_checkpoint
@@ -235,6 +246,17 @@ def _load_backend(args: argparse.Namespace, model_dir: Path):
 
     llm = DiffusionLLM(model_dir, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
     return llm.generate_texts, llm.tokenizer
+
+
+def _engine_sampling(args: argparse.Namespace, sampling):
+    """`sampling` with the engine's cache settings (`--cache`), as `DiffusionSamplingParams`."""
+    if args.cache == "none" and args.cache_refresh_steps is None:
+        return sampling
+    from dataclasses import asdict
+
+    from .serving.engine import DiffusionSamplingParams
+
+    return DiffusionSamplingParams(**asdict(sampling), cache=args.cache, cache_refresh_steps=args.cache_refresh_steps)
 
 
 def _refuse_unreadable_texts(
@@ -272,7 +294,7 @@ def run_eval(args: argparse.Namespace) -> None:
         [(f"{tasks_path}: example {i + 1}: answer", e.answer) for i, e in enumerate(examples)],
     )
     generate_fn, tokenizer = _load_backend(args, model_dir)
-    sampling = default_sampling(tokenizer, examples, **_sampling_options(args))
+    sampling = _engine_sampling(args, default_sampling(tokenizer, examples, **_sampling_options(args)))
     logger.info(f"evaluating {model_dir} on {len(examples)} examples from {tasks_path} ({args.backend} backend)")
     result = evaluate_examples(
         generate_fn,
@@ -281,7 +303,8 @@ def run_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         extra_settings={
             "model": str(model_dir), "tasks": str(tasks_path), "backend": args.backend, "dtype": args.dtype,
-            "tensor_parallel_size": args.tensor_parallel_size,
+            "tensor_parallel_size": args.tensor_parallel_size, "cache": args.cache,
+            "cache_refresh_steps": args.cache_refresh_steps,
         },
     )
     _print_table(result, model_dir)
@@ -310,7 +333,7 @@ def run_generate(args: argparse.Namespace) -> None:
     options = _sampling_options(args)
     if options["gen_length"] is None:
         options["gen_length"] = _default_gen_length(model_dir)
-    sampling = DiffusionSamplingConfig(**options)  # bad settings fail before a model loads
+    sampling = _engine_sampling(args, DiffusionSamplingConfig(**options))  # bad settings fail before a model loads
     _refuse_unreadable_texts(model_dir, [("--prompt", args.prompt)])
     generate_fn, _ = _load_backend(args, model_dir)
     (text,) = generate_fn([args.prompt], sampling)
@@ -377,7 +400,7 @@ def run_bench(args: argparse.Namespace) -> None:
         shape=args.shape, layers=args.layers, canvases=args.canvas, batches=args.batch,
         steps=args.steps, warmup=args.warmup, logits_window=not args.full_lm_head, work_dir=args.work_dir,
         quantize_command=args.quantize_command.split() if args.quantize_command else None,
-        num_samples=args.num_samples,
+        num_samples=args.num_samples, cache=args.cache,
     )
     if args.variants is not None:
         settings.variants = args.variants
@@ -397,7 +420,28 @@ def run_bench(args: argparse.Namespace) -> None:
         logger.info(f"wrote {args.json_out}")
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """`starquant lm-eval ARGS`: lm-eval's command line, the `starquant` model registered."""
+    from importlib.util import find_spec
+
+    if find_spec("lm_eval") is None:
+        print("starquant lm-eval: error: lm-eval is not installed here: run it from the serve environment "
+              "(.venv/serve/bin/starquant lm-eval ...)", file=sys.stderr)
+        return 2
+    _vllm_logs_to_stderr()
+    from .evaluation.harness import main as harness_main
+
+    try:
+        return harness_main(argv)
+    except ValueError as error:  # InputError: a model argument, request text or setting the model cannot take
+        print(f"starquant lm-eval: error: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every other argument is lm-eval's own
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="INFO", format="<level>{level: <7}</level> {message}")

@@ -66,6 +66,7 @@ class BenchSettings:
     quantize_command: list[str] | None = None
     num_samples: int = 64
     seed: int = 0
+    cache: str = "none"  # serving.kv_cache mode; with one, a whole block of steps is timed
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -186,19 +187,25 @@ def time_variant(variant: str, checkpoint: Path, settings: BenchSettings) -> tup
     try:
         for canvas in settings.canvases:
             gen_length = canvas // 2
-            params = DiffusionSamplingParams(gen_length=gen_length, steps=gen_length, block_length=BLOCK_LENGTH)
+            params = DiffusionSamplingParams(gen_length=gen_length, steps=gen_length, block_length=BLOCK_LENGTH,
+                                             cache=settings.cache)
+            # With a cache, a block's first step runs the whole canvas and the others only part of
+            # it: the second block's steps are timed, all of them, and averaged.
+            steps, warmup = (settings.steps, settings.warmup) if settings.cache == "none" else (BLOCK_LENGTH, BLOCK_LENGTH)
+            average = statistics.median if settings.cache == "none" else statistics.mean
             for batch in settings.batches:
-                timed = llm.bench_steps(batch, canvas - gen_length, params, settings.steps, settings.warmup,
+                timed = llm.bench_steps(batch, canvas - gen_length, params, steps, warmup,
                                         settings.logits_window, settings.seed)
                 threads = timed["threads"]
-                latency = statistics.median(timed["seconds"])
-                in_blocks = statistics.median(timed["block_seconds"])
+                latency = average(timed["seconds"])
+                in_blocks = average(timed["block_seconds"])
                 # Per block x the model's full depth + what is outside the blocks (embedding, head, sampler).
                 full_depth_latency = latency - in_blocks + in_blocks / layers * depth
                 logger.info(f"{variant} canvas {canvas} batch {batch}: {latency * 1e3:.1f} ms/step "
                             f"({full_depth_latency:.2f} s at {depth} blocks)")
                 rows.append({"variant": variant, "shape": settings.shape, "layers": layers, "canvas": canvas,
-                             "batch": batch, "step_latency_s": latency, "step_seconds": timed["seconds"],
+                             "batch": batch, "cache": settings.cache, "step_latency_s": latency,
+                             "step_seconds": timed["seconds"],
                              "block_latency_s": in_blocks / layers, "full_depth": depth,
                              "step_latency_full_depth_s": full_depth_latency,
                              "tokens_per_s": batch * (gen_length / params.steps) / latency})

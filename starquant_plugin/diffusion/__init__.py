@@ -1,11 +1,12 @@
 """Masked-diffusion decoding, likelihood and masking (pure torch)."""
 
-from .likelihood import masked_nll
+from .likelihood import masked_nll, score_answer
 from .masking import MASKED, UNMASKED, mask_positions, masked_state, spread_mask_ratios, token_states
 from .sampler import (
     DiffusionOutput,
     DiffusionSamplingConfig,
     LogitsFn,
+    TokenLogprobs,
     TrajectoryStep,
     diffusion_generate,
     diffusion_steps,
@@ -19,6 +20,7 @@ __all__ = [
     "DiffusionOutput",
     "DiffusionSamplingConfig",
     "LogitsFn",
+    "TokenLogprobs",
     "TrajectoryStep",
     "diffusion_generate",
     "diffusion_steps",
@@ -27,6 +29,7 @@ __all__ = [
     "masked_nll",
     "masked_state",
     "num_transfer_tokens",
+    "score_answer",
     "spread_mask_ratios",
     "token_states",
 ]

@@ -8,9 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from .masking import mask_positions
-from .sampler import LogitsFn
+from .sampler import DiffusionSamplingConfig, LogitsFn, diffusion_generate
 
-__all__ = ["masked_nll"]
+__all__ = ["masked_nll", "score_answer"]
 
 
 @torch.no_grad()
@@ -52,3 +52,28 @@ def masked_nll(
         weights = (1.0 / ratios)[:, None].expand_as(is_masked)[is_masked]
         total += float((token_nll.double() * weights).sum()) / batch_size
     return total / (mc_samples // batch_size)
+
+
+@torch.no_grad()
+def score_answer(
+    logits_fn: LogitsFn,
+    prompt_ids: torch.Tensor,
+    answer_ids: torch.Tensor,
+    mask_token_id: int,
+    mc_samples: int = 128,
+    batch_size: int = 16,
+    seed: int = 0,
+    greedy: bool = True,
+    logits_window: bool = False,
+) -> tuple[float, bool | None]:
+    """(`masked_nll` of the answer, whether greedy decoding of `len(answer)` tokens in one block,
+    one token per step, reproduces it exactly; None when `greedy` is False): what a
+    log-likelihood evaluation (lm-evaluation-harness's `loglikelihood`) asks of a model.
+    `logits_window` as in `diffusion_generate`."""
+    nll = masked_nll(logits_fn, prompt_ids, answer_ids, mask_token_id, mc_samples, batch_size, seed)
+    if not greedy:
+        return nll, None
+    length = answer_ids.numel()
+    decoded = diffusion_generate(logits_fn, prompt_ids[None], mask_token_id,
+                                 DiffusionSamplingConfig(gen_length=length, steps=length), logits_window=logits_window)
+    return nll, bool(torch.equal(decoded.generated[0].cpu(), answer_ids.cpu()))

@@ -30,7 +30,9 @@ import torch
 from ..errors import InputError
 
 __all__ = [
+    "MAX_LOGPROBS",
     "REMASKING",
+    "TokenLogprobs",
     "Remasking",
     "DiffusionSamplingConfig",
     "DiffusionOutput",
@@ -56,6 +58,7 @@ Remasking = Literal["low_confidence", "maskgit_plus", "topk_margin", "entropy", 
 
 # What `torch.Generator.manual_seed` takes.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_LOGPROBS = 20  # most likely alternatives recorded per token (OpenAI's `top_logprobs` bound)
 
 
 def _is_integer(value) -> bool:
@@ -84,6 +87,12 @@ class DiffusionSamplingConfig:
         top_p: propose only among the smallest set of most likely tokens whose probability
             reaches `top_p` (nucleus; None or 1: all). Like Dream's, both filter the logits before
             sampling and before the confidence is computed.
+        logprobs: record each generated token's log-probability and the `logprobs` most likely
+            tokens of its position (0 .. MAX_LOGPROBS; None: record nothing). A token's
+            log-probability is the model's at the step that committed it: log-softmax of that
+            step's logits (after classifier-free guidance, before temperature, top-k and top-p;
+            the mask token excluded, as it is never generated), the "raw" log-probabilities vLLM
+            and OpenAI report.
     """
 
     gen_length: int
@@ -96,6 +105,7 @@ class DiffusionSamplingConfig:
     seed: int = 0
     top_k: int | None = None
     top_p: float | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_integer(self.gen_length) or self.gen_length <= 0:
@@ -133,6 +143,8 @@ class DiffusionSamplingConfig:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.logprobs is not None and (not _is_integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not _is_integer(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
 
@@ -151,7 +163,9 @@ class TrajectoryStep:
 
     `canvas` is the full [batch, seq] canvas *after* the step's commits; `committed` marks
     the positions filled in this step; `mask_ratio` [batch] is the fraction of generation
-    positions still masked *before* the step (the time the model saw).
+    positions still masked *before* the step (the time the model saw); `logprobs` those of the
+    generation's committed tokens so far (`DiffusionSamplingConfig.logprobs`; updated in place by
+    later steps).
     """
 
     step: int
@@ -160,6 +174,40 @@ class TrajectoryStep:
     canvas: torch.Tensor
     committed: torch.Tensor
     mask_ratio: torch.Tensor
+    logprobs: "TokenLogprobs | None" = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of the generated tokens (see `DiffusionSamplingConfig.logprobs`):
+    `token` [batch, gen_length] float32 (NaN where not yet committed); `top_ids` / `top` [batch,
+    gen_length, k] the k most likely tokens of each position and their log-probabilities."""
+
+    token: torch.Tensor
+    top_ids: torch.Tensor
+    top: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, gen_length: int, k: int, device) -> "TokenLogprobs":
+        return cls(torch.full((batch, gen_length), float("nan"), device=device),
+                   torch.zeros((batch, gen_length, k), dtype=torch.long, device=device),
+                   torch.full((batch, gen_length, k), float("nan"), device=device))
+
+    def record(self, logits: torch.Tensor, offset: int, transfer: torch.Tensor, canvas: torch.Tensor,
+               prompt_len: int, mask_token_id: int) -> None:
+        """Record the tokens `transfer` [batch, seq] commits into `canvas` from a step's `logits`
+        [batch, positions, vocab] of canvas positions offset.. (only those rows are normalized)."""
+        rows, positions = transfer.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        scores = logits[rows, positions - offset].float()
+        scores[:, mask_token_id] = float("-inf")
+        logprobs = torch.log_softmax(scores, dim=-1)
+        slots = positions - prompt_len
+        self.token[rows, slots] = logprobs.gather(-1, canvas[rows, positions][:, None]).squeeze(-1)
+        if self.top.shape[-1]:
+            top, top_ids = logprobs.topk(self.top.shape[-1], dim=-1)
+            self.top[rows, slots], self.top_ids[rows, slots] = top, top_ids
 
 
 @dataclass
@@ -171,6 +219,7 @@ class DiffusionOutput:
     generated: torch.Tensor
     steps: int
     steps_per_block: list[int] = field(default_factory=list)
+    logprobs: TokenLogprobs | None = None  # with `DiffusionSamplingConfig.logprobs`
 
 
 def num_transfer_tokens(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
@@ -327,7 +376,7 @@ def diffusion_generate(
             return finished.value
         if trajectory_hook is not None:
             trajectory_hook(TrajectoryStep(step.step, step.block, step.input_ids, step.canvas.clone(), step.committed,
-                                           step.mask_ratio))
+                                           step.mask_ratio, step.logprobs))
 
 
 @torch.no_grad()
@@ -359,6 +408,7 @@ def diffusion_steps(
     else:
         prompt_positions[:, :prompt_len] = True
 
+    record = None if config.logprobs is None else TokenLogprobs.empty(batch, config.gen_length, config.logprobs, device)
     total_steps, steps_per_block = 0, []
     for block in range(config.num_blocks):
         start = prompt_len + block * config.block_length
@@ -405,14 +455,16 @@ def diffusion_steps(
                 transfer |= confidence >= config.threshold
             step_input = canvas if record_inputs else None  # never modified in place: a new tensor each step
             canvas = torch.where(transfer, proposal, canvas)
-            yield TrajectoryStep(total_steps, block, step_input, canvas, transfer, mask_ratio)
+            if record is not None:
+                record.record(logits, lo if windowed else 0, transfer, canvas, prompt_len, mask_token_id)
+            yield TrajectoryStep(total_steps, block, step_input, canvas, transfer, mask_ratio, record)
             block_steps += 1
             total_steps += 1
         steps_per_block.append(block_steps)
     left = canvas[:, prompt_len:] == mask_token_id
     if bool(left.any()):  # the guarantee of the docstring; reaching this is a bug of the sampler
         raise RuntimeError(f"decoding left {int(left.sum())} mask token(s) in the generation")
-    return DiffusionOutput(canvas, canvas[:, prompt_len:], total_steps, steps_per_block)
+    return DiffusionOutput(canvas, canvas[:, prompt_len:], total_steps, steps_per_block, record)
 
 
 def _refuse_mask_in_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int) -> None:

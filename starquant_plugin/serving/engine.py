@@ -20,38 +20,76 @@ from pathlib import Path
 from ..checkpoint import validate_checkpoint
 from ..diffusion import DiffusionSamplingConfig
 from .hardware import hardware_precisions, serving_dtype
+from .kv_cache import CACHE_MODES
 from .servable import check_servable
 
-__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion", "DiffusionProgress"]
+__all__ = ["DiffusionLLM", "DiffusionSamplingParams", "DiffusionCompletion", "DiffusionProgress", "TokenLogprob"]
 
 WORKER_EXTENSION = "starquant_plugin.serving.worker.DiffusionWorkerExtension"
 
 
 @dataclass
 class DiffusionSamplingParams(DiffusionSamplingConfig):
-    """Decoding settings of one `generate` call: the core sampler's (`DiffusionSamplingConfig`)."""
+    """Decoding settings of one `generate` call: the core sampler's (`DiffusionSamplingConfig`), and
+    the engine's approximate key/value cache (`serving.kv_cache`):
+
+    Args:
+        cache: `none`, `prefix` (keys/values left of the current block kept from the block's
+            first step) or `dual` (left and right of it).
+        cache_refresh_steps: also refresh the cache every N steps inside a block (None: at each
+            block's first step only; 1: every step, decoding exactly as without cache).
+    """
+
+    cache: str = "none"
+    cache_refresh_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        refresh = self.cache_refresh_steps
+        if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh <= 0):
+            raise ValueError(f"cache_refresh_steps must be a positive integer, got {refresh!r}")
+        if refresh is not None and self.cache == "none":
+            raise ValueError("cache_refresh_steps needs cache: prefix or dual")
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token of the text: its string (the token decoded alone), id, log-probability
+    (`DiffusionSamplingConfig.logprobs`) and its position's most likely tokens (string, log-probability),
+    best first."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 @dataclass
 class DiffusionProgress:
     """One streamed update of a batch: `steps` so far; per prompt the text of the committed prefix
     (the generation's tokens up to its first still-masked position, decoded) and the canvas of the
-    generation (each position's token, None where still masked); `completions` once done."""
+    generation (each position's token, None where still masked); with `logprobs` requested, per
+    prompt those of the committed prefix's text tokens; `completions` once done."""
 
     steps: int
     committed_texts: list[str]
     canvases: list[list[str | None]]
     completions: list["DiffusionCompletion"] | None = None
+    logprobs: list[list[TokenLogprob]] | None = None
 
 
 @dataclass
 class DiffusionCompletion:
-    """One prompt's continuation; `steps` = denoising steps of the batch it was decoded in."""
+    """One prompt's continuation; `steps` = denoising steps of the batch it was decoded in;
+    `logprobs` (when requested) one entry per token of `text` (special tokens are not part of it)."""
 
     prompt: str
     text: str
     token_ids: list[int]
     steps: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @contextmanager
@@ -183,12 +221,31 @@ class DiffusionLLM:
             result = self.llm.collective_rpc(
                 "starquant_diffusion_generate", args=(batch["input_ids"], batch["attention_mask"], asdict(params))
             )[0]
-            generated = result["generated"]
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            completions.extend(
-                DiffusionCompletion(p, t, ids, result["steps"]) for p, t, ids in zip(chunk, texts, generated)
-            )
+            completions.extend(self._completions(chunk, result))
         return completions
+
+    def _completions(self, prompts: list[str], result: dict) -> list[DiffusionCompletion]:
+        generated = result["generated"]
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        logprobs = self._logprobs(generated, result["logprobs"])
+        return [DiffusionCompletion(p, t, ids, result["steps"], None if logprobs is None else logprobs[row])
+                for row, (p, t, ids) in enumerate(zip(prompts, texts, generated))]
+
+    def _logprobs(self, generated: list[list[int]], record: dict | None) -> list[list[TokenLogprob]] | None:
+        """Per row, the `TokenLogprob` of each committed text token before the first masked position
+        (special tokens are skipped, as in the text)."""
+        if record is None:
+            return None
+        special = set(self.tokenizer.all_special_ids) | {self.mask_token_id}
+        rows = []
+        for ids, logprobs, top_ids, top in zip(generated, record["token"], record["top_ids"], record["top"]):
+            end = ids.index(self.mask_token_id) if self.mask_token_id in ids else len(ids)
+            rows.append([
+                TokenLogprob(self.tokenizer.decode([token]), token, logprobs[i],
+                             [(self.tokenizer.decode([alt]), value) for alt, value in zip(top_ids[i], top[i])])
+                for i, token in enumerate(ids[:end]) if token not in special
+            ])
+        return rows
 
     def generate_stream(self, prompts: list[str], params: DiffusionSamplingParams, add_special_tokens: bool = True,
                         steps_per_update: int = 1) -> Iterator[DiffusionProgress]:
@@ -209,11 +266,10 @@ class DiffusionLLM:
                 done = update["done"]
                 generated = update["generated"]
                 progress = DiffusionProgress(update["steps"], [self._committed_text(ids) for ids in generated],
-                                             [self._canvas_tokens(ids) for ids in generated])
+                                             [self._canvas_tokens(ids) for ids in generated],
+                                             logprobs=self._logprobs(generated, update["logprobs"]))
                 if done:
-                    texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                    progress.completions = [DiffusionCompletion(p, t, ids, update["steps"])
-                                            for p, t, ids in zip(prompts, texts, generated)]
+                    progress.completions = self._completions(prompts, update)
                 yield progress
         finally:
             if not done:
@@ -247,6 +303,13 @@ class DiffusionLLM:
     def generate_texts(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list[str]:
         """The evaluation runner's backend interface (`starquant_plugin.evaluation.GenerateFn`)."""
         return [completion.text for completion in self.generate(prompts, sampling)]
+
+    def score(self, prompt_ids: list[int], answer_ids: list[int], mc_samples: int = 128, batch_size: int = 16,
+              seed: int = 0, greedy: bool = True) -> tuple[float, bool | None]:
+        """(masked NLL of `answer_ids` after `prompt_ids`, whether greedy decoding reproduces them): the
+        core's `starquant_plugin.diffusion.score_answer`, run in the workers."""
+        return tuple(self.llm.collective_rpc(
+            "starquant_score", args=(list(prompt_ids), list(answer_ids), mc_samples, batch_size, seed, greedy))[0])
 
     def logits(self, input_ids: list[list[int]], attention_mask: list[list[int]] | None = None):
         """Logits [batch, seq, vocab] (float32 tensor) of canvases, as the decoding loop sees them."""

@@ -29,9 +29,10 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..diffusion import DiffusionSamplingConfig
-from ..diffusion.sampler import Remasking
+from ..diffusion.sampler import MAX_LOGPROBS, Remasking
 from ..errors import InputError
 from ..evaluation.runner import encode_prompt
+from .engine import DiffusionSamplingParams
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES", "ChatCompletionRequest", "CompletionRequest", "DiffusionBatcher", "Overloaded", "build_app",
@@ -70,6 +71,9 @@ class _DecodingRequest(BaseModel):
     remasking: Remasking = "low_confidence"
     cfg_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
     threshold: float | None = Field(None, allow_inf_nan=False)
+    cache: Literal["none", "prefix", "dual"] = Field("none", description="approximate key/value cache of block-wise "
+                                                     "decoding (docs/serving.md)")
+    cache_refresh_steps: int | None = Field(None, gt=0, description="with cache: refresh it every N steps of a block")
 
     @field_validator("n", "stream", "stream_canvas", mode="before")
     @classmethod
@@ -109,20 +113,29 @@ class _DecodingRequest(BaseModel):
                     "(the canvas holds the prompt and the generation)"
                 )
 
-    def sampling(self) -> DiffusionSamplingConfig:
+    def logprobs_count(self) -> int | None:
+        """Most likely alternatives to report per token; None: no log-probabilities."""
+        return None
+
+    def sampling(self) -> DiffusionSamplingParams:
         """The decoding settings; ValueError naming the field when they do not fit together."""
-        return DiffusionSamplingConfig(
+        return DiffusionSamplingParams(
             gen_length=self.max_tokens, steps=self.steps, block_length=self.block_length,
             temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale,
             threshold=self.threshold, seed=self.seed, top_k=self.top_k, top_p=self.top_p,
+            logprobs=self.logprobs_count(), cache=self.cache, cache_refresh_steps=self.cache_refresh_steps,
         )
-
 
 
 class CompletionRequest(_DecodingRequest):
     """`/v1/completions` body."""
 
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probability of each token of the "
+                                 "text and of its position's `logprobs` most likely tokens")
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -147,6 +160,19 @@ class ChatCompletionRequest(_DecodingRequest):
     """`/v1/chat/completions` body: `messages` rendered with the checkpoint's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = Field(False, description="log-probability of each token of the message")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: that many most "
+                                     "likely tokens of each position")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value, info):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def render_chat(tokenizer, messages: list[ChatMessage]) -> str:
@@ -307,6 +333,41 @@ def _apply_stop(text: str, stop: list[str]) -> tuple[str, str]:
     (`stop` when cut; `length` otherwise: a diffusion canvas has a fixed length)."""
     cuts = [text.find(s) for s in stop if s in text]
     return (text[:min(cuts)], "stop") if cuts else (text, "length")
+
+
+def _within(entries: list, length: int) -> list:
+    """The token entries (`TokenLogprob`) whose text starts within the first `length` characters
+    (the text a stop string cut)."""
+    kept, at = [], 0
+    for entry in entries:
+        if at >= length:
+            break
+        kept.append(entry)
+        at += len(entry.token)
+    return kept
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # as vLLM: JSON has no -inf (a token the model rules out)
+
+
+def _logprobs_json(entries: list, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's `logprobs` of a choice (or chunk) from `TokenLogprob` entries: chat's `{"content":
+    [{"token", "logprob", "bytes", "top_logprobs"}]}`, or the completions API's `tokens`,
+    `token_logprobs`, `top_logprobs` (the position's most likely tokens and the chosen one) and
+    `text_offset` (from `offset`)."""
+    if chat:
+        return {"content": [{
+            "token": e.token, "logprob": _finite(e.logprob), "bytes": list(e.token.encode("utf-8", "replace")),
+            "top_logprobs": [{"token": t, "logprob": _finite(v), "bytes": list(t.encode("utf-8", "replace"))}
+                             for t, v in e.top]} for e in entries]}
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{**{t: _finite(v) for t, v in e.top}, e.token: _finite(e.logprob)} for e in entries],
+            "text_offset": offsets}
 
 
 def _error(status: int, message: str, kind: str):
@@ -477,7 +538,8 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         choices = []
         for i, completion in enumerate(results):
             text, finish_reason = _apply_stop(completion.text, parsed.stop_strings())
-            choice = {"index": i, "finish_reason": finish_reason, "logprobs": None}
+            logprobs = None if completion.logprobs is None else _logprobs_json(_within(completion.logprobs, len(text)), chat)
+            choice = {"index": i, "finish_reason": finish_reason, "logprobs": logprobs}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             choices.append(choice)
         return {
@@ -501,15 +563,24 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         stops, count = parsed.stop_strings(), len(pending.prompts)
         sent, finished = [""] * count, [False] * count
+        sent_tokens, sent_offset = [0] * count, [0] * count  # logprobs: entries and characters sent
 
         def event(choices: list[dict]) -> str:
             return "data: " + json.dumps({
                 "id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": served_model_name, "choices": choices}) + "\n\n"
 
-        def choice(index: int, text: str, finish_reason: str | None, canvas=None) -> dict:
+        def choice(index: int, text: str, finish_reason: str | None, canvas=None, entries=None) -> dict:
             item = {"index": index, "finish_reason": finish_reason}
-            item.update({"delta": {"content": text}} if chat else {"text": text, "logprobs": None})
+            item.update({"delta": {"content": text}} if chat else {"text": text})
+            logprobs = None
+            if entries is not None:
+                new = _within(entries, len(sent[index]))[sent_tokens[index]:]
+                logprobs = _logprobs_json(new, chat, sent_offset[index])
+                sent_tokens[index] += len(new)
+                sent_offset[index] += sum(len(e.token) for e in new)
+            if not chat or logprobs is not None:
+                item["logprobs"] = logprobs
             if canvas is not None:
                 item["canvas"] = canvas
             return item
@@ -540,8 +611,9 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
                         delta, reason = advance(i, progress.committed_texts[row])
                         finished[i] = reason == "stop"
                         canvas = progress.canvases[row] if parsed.stream_canvas else None
+                        entries = None if progress.logprobs is None else progress.logprobs[row]
                         if delta or reason or canvas is not None:
-                            choices.append(choice(i, delta, reason, canvas))
+                            choices.append(choice(i, delta, reason, canvas, entries))
                     if choices:
                         yield event(choices)
                 if all(finished):
@@ -556,7 +628,7 @@ def build_app(llm, served_model_name: str, max_batch_size: int = 64, max_pending
                     for i, completion in enumerate(pending.future.result()):
                         if not finished[i]:
                             delta, reason = advance(i, completion.text)
-                            choices.append(choice(i, delta, reason or "length"))
+                            choices.append(choice(i, delta, reason or "length", entries=completion.logprobs))
                     if choices:
                         yield event(choices)
                     break

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from ..diffusion import DiffusionSamplingConfig, diffusion_generate, diffusion_steps
+from ..diffusion import DiffusionSamplingConfig, diffusion_generate, diffusion_steps, score_answer
 from ..models.family import family_of
+from .kv_cache import CanvasKVCache, kv_cache_pass
 
 __all__ = ["DiffusionWorkerExtension"]
 
@@ -42,6 +43,62 @@ def _predictions_fn(model):
     return family_of(model.config).logits_fn(lambda ids, mask, window: model.diffusion_logits(ids, mask, window))
 
 
+def _sampling(sampling: dict) -> tuple[DiffusionSamplingConfig, str, int | None]:
+    """The core sampler's settings of an RPC's `DiffusionSamplingParams` dict, and the cache mode
+    and refresh interval (the engine's own fields)."""
+    sampling = dict(sampling)
+    return DiffusionSamplingConfig(**{k: v for k, v in sampling.items() if not k.startswith("cache")}), \
+        sampling.get("cache", "none"), sampling.get("cache_refresh_steps")
+
+
+def _cached_predictions_fn(model, mode: str, refresh_steps: int | None, prompt_length: int, block_length: int):
+    """The sampler's `logits_fn` with an approximate key/value cache (`serving.kv_cache`): the step
+    that opens a block (the first masked position of the batch moved into a new block), and every
+    `refresh_steps`-th step inside one, runs the whole canvas and records its keys/values; the
+    other steps compute only the block (`dual`) or the block and everything right of it
+    (`prefix`), from one position before the block (a family whose logits are shifted reads the
+    prediction of a position from its left neighbour). Logits outside the computed positions
+    (asked for only where the sampler draws noise over the whole canvas) are zero: no position
+    there can be committed."""
+    if mode == "none":
+        return _predictions_fn(model)
+    mask_token_id = model.config.mask_token_id
+    cache, state = CanvasKVCache(), {"block": None, "steps": 0}
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor | None, window):
+        masked = (ids[:, prompt_length:] == mask_token_id).any(dim=0)
+        first = int(masked.nonzero()[0]) if bool(masked.any()) else ids.shape[1] - prompt_length - 1
+        block = first // block_length
+        start = prompt_length + block * block_length
+        span = (max(start - 1, 0), start + block_length if mode == "dual" else ids.shape[1])
+        opens = block != state["block"]
+        state["steps"] = 0 if opens else state["steps"] + 1
+        refresh = opens or (refresh_steps is not None and state["steps"] % refresh_steps == 0)
+        if refresh:
+            state["block"] = block
+            with kv_cache_pass(cache, None):
+                logits = model.diffusion_logits(ids, mask, window)
+            if refresh_steps != 1:
+                return logits
+        with kv_cache_pass(cache, span):
+            if window is not None:
+                return model.diffusion_logits(ids, mask, window, span=span)
+            inside = model.diffusion_logits(ids, mask, span=span)
+        logits = inside.new_zeros(ids.shape[0], ids.shape[1], inside.shape[-1])
+        logits[:, span[0]:span[1]] = inside
+        return logits
+
+    return family_of(model.config).logits_fn(forward)
+
+
+def _logprobs(record) -> dict | None:
+    """A `TokenLogprobs` as lists for the RPC reply (None when not recorded)."""
+    if record is None:
+        return None
+    return {"token": record.token.cpu().tolist(), "top_ids": record.top_ids.cpu().tolist(),
+            "top": record.top.cpu().tolist()}
+
+
 def _detach(model: torch.nn.Module, path: str) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, None)
@@ -59,31 +116,43 @@ class DiffusionWorkerExtension:
     def starquant_diffusion_generate(
         self, input_ids: list[list[int]], attention_mask: list[list[int]], sampling: dict
     ) -> dict:
-        """Left-padded prompts [batch, prompt_len] -> {"generated": ids [batch, gen_length], "steps": int}."""
+        """Left-padded prompts [batch, prompt_len] -> {"generated": ids [batch, gen_length], "steps": int,
+        "logprobs": the generated tokens' (`DiffusionSamplingConfig.logprobs`) or None}."""
         model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
+        config, cache, refresh = _sampling(sampling)
         with torch.inference_mode():
             output = diffusion_generate(
-                _predictions_fn(model), ids, model.config.mask_token_id, DiffusionSamplingConfig(**sampling), mask,
-                logits_window=True,
+                _cached_predictions_fn(model, cache, refresh, ids.shape[1], config.block_length), ids,
+                model.config.mask_token_id, config, mask, logits_window=True,
             )
-        return {"generated": output.generated.cpu().tolist(), "steps": output.steps}
+        return {"generated": output.generated.cpu().tolist(), "steps": output.steps,
+                "logprobs": _logprobs(output.logprobs)}
+
+    def starquant_score(self, prompt_ids: list[int], answer_ids: list[int], mc_samples: int, batch_size: int,
+                        seed: int, greedy: bool) -> tuple[float, bool | None]:
+        """`score_answer` of an answer after a prompt (token ids): (masked NLL, greedy reproduces it)."""
+        model, ids, _ = self._starquant_canvases([prompt_ids + answer_ids], [[1] * (len(prompt_ids) + len(answer_ids))])
+        with torch.inference_mode():
+            return score_answer(_predictions_fn(model), ids[0, :len(prompt_ids)], ids[0, len(prompt_ids):],
+                                model.config.mask_token_id, mc_samples, batch_size, seed, greedy, logits_window=True)
 
     def starquant_stream_open(self, key: str, input_ids: list[list[int]], attention_mask: list[list[int]],
                               sampling: dict) -> None:
         """Start decoding a batch step by step (`starquant_stream_advance`), under `key`."""
         model, ids, mask = self._starquant_canvases(input_ids, attention_mask)
-        steps = diffusion_steps(_predictions_fn(model), ids, model.config.mask_token_id,
-                                DiffusionSamplingConfig(**sampling), mask, logits_window=True)
+        config, cache, refresh = _sampling(sampling)
+        steps = diffusion_steps(_cached_predictions_fn(model, cache, refresh, ids.shape[1], config.block_length), ids,
+                                model.config.mask_token_id, config, mask, logits_window=True)
         self.__dict__.setdefault("_starquant_streams", {})[key] = (steps, ids.shape[1])
 
     def starquant_stream_advance(self, key: str, max_steps: int) -> dict:
         """Up to `max_steps` more steps of stream `key`: {"generated": ids [batch, gen_length] of the
-        canvas now (the mask id where still masked), "steps": steps so far, "done": finished}. A
-        finished stream is closed."""
+        canvas now (the mask id where still masked), "steps": steps so far, "done": finished,
+        "logprobs": of the tokens committed so far, or None}. A finished stream is closed."""
         streams = self.__dict__.get("_starquant_streams", {})
         steps, prompt_length = streams[key]
         mask_token_id = self.model_runner.get_model().config.mask_token_id
-        canvas, taken, done = None, None, False
+        canvas, taken, done, record = None, None, False, None
         with torch.inference_mode():
             for index in range(max_steps + 1):
                 # One more resumption once nothing is masked: it finishes without a model call, so
@@ -94,10 +163,12 @@ class DiffusionWorkerExtension:
                     step = next(steps)
                 except StopIteration as finished:
                     canvas, taken, done = finished.value.sequences, finished.value.steps, True
+                    record = finished.value.logprobs
                     del streams[key]
                     break
-                canvas, taken = step.canvas, step.step + 1
-        return {"generated": canvas[:, prompt_length:].cpu().tolist(), "steps": taken, "done": done}
+                canvas, taken, record = step.canvas, step.step + 1, step.logprobs
+        return {"generated": canvas[:, prompt_length:].cpu().tolist(), "steps": taken, "done": done,
+                "logprobs": _logprobs(record)}
 
     def starquant_stream_close(self, key: str) -> None:
         """Drop stream `key` (a cancelled request); its generator and canvases are freed."""
@@ -119,11 +190,11 @@ class DiffusionWorkerExtension:
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, config.vocab_size - 1, (batch, prompt_length), generator=generator)
         ids[ids >= config.mask_token_id] += 1  # any token but the mask
-        sampling = DiffusionSamplingConfig(**sampling)
+        sampling, cache, refresh = _sampling(sampling)
         if sampling.steps < warmup + steps + 1:
             raise ValueError(f"{warmup} warm-up + {steps} timed steps need a decoding of more than {sampling.steps} steps")
         stamps, in_blocks, started = [], [0.0], {}
-        predictions = _predictions_fn(model)
+        predictions = _cached_predictions_fn(model, cache, refresh, prompt_length, sampling.block_length)
 
         def synchronize():
             if device.type == "cuda":

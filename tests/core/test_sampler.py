@@ -258,6 +258,8 @@ def test_classifier_free_guidance_masks_the_prompt_in_the_unconditional_pass():
         ({"gen_length": 8, "seed": -(2**63) - 1}, "seed must be an integer in"),
         ({"gen_length": 8, "top_k": 0}, "top_k must be a positive integer, got 0"),
         ({"gen_length": 8, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"gen_length": 8, "logprobs": 21}, r"logprobs must be an integer in \[0, 20\], got 21"),
+        ({"gen_length": 8, "logprobs": True}, r"logprobs must be an integer in \[0, 20\], got True"),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, message):
@@ -436,3 +438,55 @@ def test_stepwise_decoding_is_diffusion_generate_one_step_at_a_time():
     for before, after in zip(canvases, canvases[1:]):  # committed tokens stay; one step commits more
         committed = before != MASK
         assert torch.equal(after[committed], before[committed]) and (after != MASK).sum() > committed.sum()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(gen_length=8, steps=8, block_length=4),
+        dict(gen_length=8, block_length=4, threshold=0.3),
+        dict(gen_length=8, steps=4, cfg_scale=1.5),
+        dict(gen_length=8, steps=4, temperature=0.7, seed=3, top_k=3),
+    ],
+)
+def test_logprobs_are_the_committing_steps_log_softmax(settings):
+    """Each generated token's log-probability is the log-softmax (mask excluded) of the logits of the
+    step that committed it, recomputed here from the trajectory; its top alternatives are that
+    step's most likely tokens; windowed scoring records the same; nothing else changes."""
+    prompt = torch.tensor([[1, 2, 3, 4], [0, 5, 6, 7]])
+    attention = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    plain = diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(**settings), attention)
+    config = DiffusionSamplingConfig(**settings, logprobs=3)
+    steps = []
+    output = diffusion_generate(content_logits, prompt, MASK, config, attention, trajectory_hook=steps.append)
+    assert torch.equal(output.sequences, plain.sequences)  # recording changes no decision
+    assert not output.logprobs.token.isnan().any()
+    before = torch.cat([prompt, torch.full((2, 8), MASK)], dim=1)
+    assert sum(int(step.committed.sum()) for step in steps) == 16
+    for step in steps:
+        logits = content_logits(before).double()
+        if config.cfg_scale:
+            prompt_positions = torch.zeros_like(before, dtype=torch.bool)
+            prompt_positions[:, :4] = attention.bool()  # padding is not part of the prompt
+            uncond = content_logits(before.masked_fill(prompt_positions, MASK)).double()
+            logits = uncond + (config.cfg_scale + 1) * (logits - uncond)
+        logits[..., MASK] = float("-inf")
+        expected = torch.log_softmax(logits, dim=-1)
+        for row, position in step.committed.nonzero().tolist():
+            slot = position - 4
+            token = int(step.canvas[row, position])
+            assert output.logprobs.token[row, slot].item() == pytest.approx(expected[row, position, token].item(), abs=1e-4)
+            top = expected[row, position].topk(3)
+            assert output.logprobs.top_ids[row, slot].tolist() == top.indices.tolist()
+            torch.testing.assert_close(output.logprobs.top[row, slot].double(), top.values, atol=1e-4, rtol=0)
+        before = step.canvas
+
+    def windowed(input_ids, attention_mask=None, window=None):
+        logits = content_logits(input_ids)
+        return logits if window is None else logits[:, window[0]:window[1]]
+
+    narrow = diffusion_generate(windowed, prompt, MASK, config, attention, logits_window=True)
+    assert torch.equal(narrow.sequences, output.sequences)
+    torch.testing.assert_close(narrow.logprobs.token, output.logprobs.token)
+    assert torch.equal(narrow.logprobs.top_ids, output.logprobs.top_ids)
+    assert diffusion_generate(content_logits, prompt, MASK, DiffusionSamplingConfig(**settings)).logprobs is None

@@ -29,6 +29,7 @@ pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs the
 class _Completion:
     text: str
     token_ids: list
+    logprobs: list | None = None
 
 
 def test_batcher_groups_equal_settings_and_refuses_overload():
@@ -214,8 +215,13 @@ def test_completions_match_core_under_a_concurrent_burst(server):
         ({"prompt": "abc", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1"),
         ({"prompt": "abc", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: Value error, at most 4 non-empty strings"),
         ({"prompt": "abc", "stop": ""}, 400, "stop: Value error, at most 4 non-empty strings"),
+        ({"prompt": "abc", "cache": "both"}, 400, "cache: Input should be 'none', 'prefix' or 'dual'"),
+        ({"prompt": "abc", "cache_refresh_steps": 2}, 400, "cache_refresh_steps needs cache: prefix or dual"),
+        ({"prompt": "abc", "logprobs": 21}, 400, "logprobs: Input should be less than or equal to 20"),
+        ({"prompt": "abc", "logprobs": True}, 400, "logprobs: Input should be a valid integer"),
         # Fields that cannot apply are refused by name.
-        ({"prompt": "abc", "logprobs": 2}, 400, "logprobs: Extra inputs are not permitted"),
+        ({"prompt": "abc", "best_of": 2}, 400, "best_of: Extra inputs are not permitted"),
+        ({"prompt": "abc", "echo": True}, 400, "echo: Extra inputs are not permitted"),
         ({"prompt": "abc", "stream": 0}, 400, "stream: Value error, must be a boolean"),
         # Prompts the model cannot read as written.
         ({"prompt": "ab\u00e9c", "max_tokens": 2}, 400, "prompt: character 'é' (U+00E9) at position 2 is not in the"),
@@ -254,6 +260,49 @@ def test_openai_sampling_fields(server):
     assert unstopped["text"] == alone[0] and unstopped["finish_reason"] == "length"
     default = _complete(base, prompt="abc", steps=16, block_length=16).json()
     assert default["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_core_samplers_and_follow_the_text(server):
+    """`logprobs: k`: per token of the text its string, log-probability (the core sampler's, on the
+    same checkpoint), offset and its position's k most likely tokens (with the chosen one); cut with
+    the text by `stop`; streamed, the chunks' tokens are the non-streamed ones."""
+    import torch
+
+    from starquant_plugin.diffusion import diffusion_generate, hf_logits_fn
+
+    base, directory = server
+    settings = dict(max_tokens=8, steps=4, block_length=4)
+    body = _complete(base, prompt="abc", logprobs=3, **settings).json()
+    (choice,) = body["choices"]
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    lengths = [len(token) for token in logprobs["tokens"]]
+    assert logprobs["text_offset"] == [sum(lengths[:i]) for i in range(len(lengths))]
+    model, tokenizer = load_checkpoint(directory)
+    ids = tokenizer(["abc"], return_tensors="pt")["input_ids"]
+    core = diffusion_generate(hf_logits_fn(model), ids, model.config.mask_token_id,
+                              DiffusionSamplingConfig(gen_length=8, steps=4, block_length=4, logprobs=3))
+    special = set(tokenizer.all_special_ids)
+    kept = [i for i, token in enumerate(core.generated[0].tolist()) if token not in special]
+    assert logprobs["tokens"] == [tokenizer.decode([core.generated[0, i]]) for i in kept]
+    torch.testing.assert_close(torch.tensor(logprobs["token_logprobs"]), core.logprobs.token[0, kept], atol=2e-4, rtol=0)
+    for position, token, value, top in zip(kept, logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        expected = {tokenizer.decode([t]): v for t, v in zip(core.logprobs.top_ids[0, position].tolist(),
+                                                             core.logprobs.top[0, position].tolist())}
+        assert top == pytest.approx({**expected, token: value}, abs=2e-4)
+        assert value == pytest.approx(core.logprobs.top[0, position, 0].item(), abs=2e-4)  # greedy: the best token
+    text = choice["text"]
+    cut = text[len(text) // 2]
+    stopped = _complete(base, prompt="abc", logprobs=0, stop=cut, **settings).json()["choices"][0]
+    assert stopped["text"] == text[:text.index(cut)]
+    assert stopped["logprobs"]["tokens"] == [t for t, at in zip(logprobs["tokens"], logprobs["text_offset"])
+                                             if at < text.index(cut)]
+    assert [list(top) for top in stopped["logprobs"]["top_logprobs"]] == [[t] for t in stopped["logprobs"]["tokens"]]
+    streamed = [c for e in _stream(base, prompt="abc", logprobs=3, **settings) for c in e["choices"]]
+    assert sum((c["logprobs"]["tokens"] for c in streamed), []) == logprobs["tokens"]
+    assert sum((c["logprobs"]["text_offset"] for c in streamed), []) == logprobs["text_offset"]
+    assert _complete(base, prompt="abc", **settings).json()["choices"][0]["logprobs"] is None
 
 
 @pytest.mark.slow
@@ -344,6 +393,8 @@ def _chat(base, **body):
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content: Input should be a valid string"),
         ({"prompt": "abc"}, "messages: Field required"),
         ({"messages": [{"role": "user", "content": "abc"}], "stream_canvas": 1}, "stream_canvas: Value error, must be a"),
+        ({"messages": [{"role": "user", "content": "abc"}], "top_logprobs": 2}, "top_logprobs: Value error, needs logprobs: true"),
+        ({"messages": [{"role": "user", "content": "abc"}], "logprobs": 2}, "logprobs: Input should be a valid boolean"),
     ],
 )
 def test_chat_requests_without_a_template_or_with_bad_messages_are_400(server, body, message):
@@ -382,6 +433,14 @@ def test_chat_completions_answer_through_the_shipped_chat_template(family):
         assert streamed[0]["object"] == "chat.completion.chunk"
         assert streamed[0]["choices"] == [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]
         assert "".join(c["delta"].get("content", "") for e in streamed for c in e["choices"]) == example.answer
+        scored = _chat(base, messages=messages, logprobs=True, top_logprobs=2, **settings).json()["choices"][0]
+        content = scored["logprobs"]["content"]
+        assert "".join(t["token"] for t in content) == scored["message"]["content"] == example.answer
+        assert all(len(t["top_logprobs"]) == 2 and t["top_logprobs"][0]["logprob"] >= t["logprob"] - 1e-6
+                   and t["bytes"] == list(t["token"].encode()) for t in content)
+        chunks = _stream(base, "/v1/chat/completions", messages=messages, logprobs=True, **settings)
+        assert [t["token"] for e in chunks for c in e["choices"] for t in (c.get("logprobs") or {}).get("content", [])] \
+            == [t["token"] for t in content]
         refused = _chat(base, messages=[{"role": "system", "content": "hi"}], **settings)
         assert refused.status_code == 400
         assert "the chat template refused them: a conversation needs a user message" in refused.json()["error"]["message"]

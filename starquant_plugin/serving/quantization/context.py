@@ -31,9 +31,13 @@ _CURRENT: list[TokenContext] = []
 
 
 @contextmanager
-def token_context(token_states: torch.Tensor, real: torch.Tensor | None = None):
-    """Publish the states of canvases [batch, seq] (`real` marks non-padding tokens)."""
+def token_context(token_states: torch.Tensor, real: torch.Tensor | None = None, span: tuple[int, int] | None = None):
+    """Publish the states of canvases [batch, seq] (`real` marks non-padding tokens); with `span`
+    only positions lo..hi-1 are computed (cached decoding): theirs are published, with the mask
+    ratio of the whole canvas."""
     ratio = sequence_mask_ratio(token_states, real)
+    if span is not None:
+        token_states = token_states[:, span[0]:span[1]]
     _CURRENT.append(TokenContext(token_states.reshape(-1).long(), ratio[:, None].expand_as(token_states).reshape(-1)))
     try:
         yield
