@@ -18,7 +18,7 @@ ROW_FIELDS = {
     "variant": str, "shape": str, "layers": int, "canvas": int, "batch": int, "step_latency_s": float,
     "tokens_per_s": float, "weight_bytes": int, "weight_bytes_full_depth": int, "checkpoint_bytes": int,
     "block_latency_s": float, "full_depth": int, "step_latency_full_depth_s": float, "fastest_full_precision": str,
-    "speedup_vs_fastest_full_precision": float, "speedup_vs_bf16": float, "speedup_vs_fp32": float,
+    "speedup_vs_fastest_full_precision": float, "speedup_vs_bf16": float, "speedup_vs_fp32": float, "cache": str,
 }
 
 
@@ -46,6 +46,7 @@ def test_bench_json_has_every_field_and_measures_weights(tmp_path):
         for name, kind in ROW_FIELDS.items():
             assert isinstance(row[name], kind), (name, row[name])
         assert len(row["step_seconds"]) == 5 and row["step_latency_s"] > 0 and row["tokens_per_s"] > 0
+        assert row["cache"] == "none"
         assert row["canvas"] == 64 and row["layers"] == 4 == row["full_depth"]
         # At full depth already: the extrapolation is the measured step; the blocks are part of it.
         assert abs(row["step_latency_full_depth_s"] - row["step_latency_s"]) < 1e-9
@@ -68,6 +69,17 @@ def test_bench_json_has_every_field_and_measures_weights(tmp_path):
     blocks = lambda r: sum(v for k, v in r["weight_bytes_by_part"].items() if k.startswith("block."))  # noqa: E731
     assert blocks(by_variant["w8a8"]) < 0.75 * blocks(by_variant["bf16"])  # int8 weights resident, not bf16
     assert "vs fastest FP" in done.stdout and "starquant_w8a8" in done.stdout and "hardware for fp32" in done.stdout
+
+
+def test_bench_with_a_cache_times_a_whole_block(tmp_path):
+    """With `--cache`, a block's steps (its full first step and the cached ones) are timed and averaged."""
+    out = tmp_path / "bench.json"
+    done = bench("--shape", "shipped", "--canvas", "256", "--batch", "1", "--variants", "bf16", "--cache", "dual",
+                 "--work-dir", str(tmp_path / "work"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["cache"] == "dual" and len(row["step_seconds"]) == 32
+    assert row["step_latency_s"] == pytest.approx(sum(row["step_seconds"]) / 32)
 
 
 def test_decoding_bench_reports_steps_and_exact_match(tmp_path):
