@@ -11,13 +11,12 @@ is `--blocks` blocks just long enough for the longest answer, so a cache has blo
 import argparse
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from starquant_plugin.assets import SHIPPED_MODELS
-from starquant_plugin.bench.runner import machine_info, versions
-from starquant_plugin.evaluation import exact_match, load_tasks
+from starquant_plugin.bench.runner import decode_one_at_a_time, machine_info, versions
+from starquant_plugin.evaluation import load_tasks
 from starquant_plugin.serving import DiffusionLLM, DiffusionSamplingParams
 
 RUNS = [("none", False), ("prefix", False), ("dual", False), ("none", True), ("dual", True)]  # (cache, threshold?)
@@ -34,13 +33,7 @@ def measure(model: Path, limit: int, blocks: int, threshold: float) -> list[dict
         for cache, thresholded in RUNS:
             sampling = replace(fixed, cache=cache, threshold=threshold if thresholded else None)
             name = f"{f'threshold {threshold}' if thresholded else 'fixed steps'}, {cache if cache != 'none' else 'no'} cache"
-            llm.generate([examples[0].prompt], sampling)  # warm-up
-            started, steps, correct = time.perf_counter(), 0, 0
-            for example in examples:
-                (completion,) = llm.generate([example.prompt], sampling)
-                steps += completion.steps
-                correct += exact_match(completion.text, example.answer)
-            seconds = time.perf_counter() - started
+            steps, correct, seconds = decode_one_at_a_time(llm, examples, sampling)
             rows.append({"model": model.name, "run": name, "cache": cache, "threshold": sampling.threshold,
                          "gen_length": gen_length, "block_length": block_length, "n": len(examples),
                          "exact_match": correct / len(examples), "steps_per_answer": steps / len(examples),

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "local Hugging Face cache (default: the shipped model)")
     quantize.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                           help="precision the model is loaded and calibrated in (default: the checkpoint's)")
+    quantize.add_argument("--device", default="auto",
+                          help="where each block is calibrated: auto (the first GPU, else the CPU), cpu, cuda, cuda:N")
     quantize.add_argument("--recipe", type=Path, required=True, help="llm-compressor YAML recipe (see recipes/)")
     quantize.add_argument("--output", type=Path, required=True, help="checkpoint directory to create")
     quantize.add_argument("--dataset", type=Path, help='JSON lines {"prompt","answer"} or {"text"} (default: MODEL/calibration.jsonl)')
@@ -369,7 +371,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     with _interrupts_raise():
         summary = quantize(
             _resolve_model(args), args.recipe, args.output, args.dataset, args.num_samples,
-            args.samples_per_record, args.seed, args.overwrite, dtype=args.dtype,
+            args.samples_per_record, args.seed, args.overwrite, dtype=args.dtype, device=args.device,
         )
     ratio = summary["original_weights_bytes"] / max(summary["weights_bytes"], 1)
     print(

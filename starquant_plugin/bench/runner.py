@@ -280,15 +280,29 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_one_at_a_time(llm, examples, sampling) -> tuple[int, int, float]:
+    """(denoising steps, exact matches, seconds) of decoding each example's prompt alone on `llm`
+    (a `DiffusionLLM`; so each step count is the answer's own), after one warm-up call."""
+    import time
+
+    from ..evaluation import exact_match
+
+    llm.generate([examples[0].prompt], sampling)
+    started, steps, correct = time.perf_counter(), 0, 0
+    for example in examples:
+        (completion,) = llm.generate([example.prompt], sampling)
+        steps += completion.steps
+        correct += exact_match(completion.text, example.answer)
+    return steps, correct, time.perf_counter() - started
+
+
 def run_decoding_bench(settings: BenchSettings, thresholds: list[float], limit: int) -> dict:
     """Threshold (parallel) decoding against fixed steps on the shipped model: denoising steps per
     answer, decoded tokens per second and exact match, per variant, one prompt at a time (so the
     step count is the answer's own). Variants are served in the checkpoint's dtype.
     """
-    import time
-
     from ..assets import SHIPPED_EVAL_SET
-    from ..evaluation import default_sampling, exact_match, load_tasks
+    from ..evaluation import default_sampling, load_tasks
     from ..serving import DiffusionLLM
 
     if settings.shape != "shipped":
@@ -307,13 +321,7 @@ def run_decoding_bench(settings: BenchSettings, thresholds: list[float], limit: 
             runs = [("fixed", None)] + [(f"threshold {t}", t) for t in thresholds]
             for name, threshold in runs:
                 sampling = default_sampling(llm.tokenizer, examples, threshold=threshold)
-                llm.generate([examples[0].prompt], sampling)  # warm-up
-                started, steps, correct = time.perf_counter(), 0, 0
-                for example in examples:
-                    (completion,) = llm.generate([example.prompt], sampling)
-                    steps += completion.steps
-                    correct += exact_match(completion.text, example.answer)
-                seconds = time.perf_counter() - started
+                steps, correct, seconds = decode_one_at_a_time(llm, examples, sampling)
                 logger.info(f"{variant} {name}: {steps / len(examples):.2f} steps/answer, {correct / len(examples):.3f} EM")
                 results.append({
                     "variant": variant, "decoding": name, "threshold": threshold, "gen_length": fixed.gen_length,

@@ -4,6 +4,7 @@ import json
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 
@@ -113,6 +114,44 @@ def _install_save(model) -> None:
     model.save_pretrained = save_pretrained
 
 
+def calibration_device(device: str):
+    """The torch device `--device` names (None for `auto`); ValueError naming the value when it is
+    not a device or not present here."""
+    import torch
+
+    if device == "auto":
+        return None
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if target.type == "cuda" and (not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {device!r}: cpu or cuda[:N]")
+    return target
+
+
+@contextmanager
+def _onload_to(target):
+    """llm-compressor's pipelines calibrate each block on `get_main_device()` (the first
+    accelerator, else the CPU); with a `target` they use that device instead."""
+    if target is None:
+        yield
+        return
+    from llmcompressor.pipelines.data_free import pipeline as data_free
+    from llmcompressor.pipelines.sequential import pipeline as sequential
+
+    saved = [(module, module.get_main_device) for module in (sequential, data_free)]
+    for module, _ in saved:
+        module.get_main_device = lambda: target
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.get_main_device = original
+
+
 def _stage_table(report: QuantizeReport, total: float, oneshot: float) -> list[dict]:
     """`STAGES` with their seconds and peak memory; the weight quantizer is oneshot's time outside
     the stages recorded within it, `other` what the total spends outside every stage."""
@@ -137,6 +176,7 @@ def quantize(
     seed: int = 0,
     overwrite: bool = False,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> dict:
     """Run oneshot and write `output` atomically; returns a summary (bits, sizes, seconds, and
     `core_only`: why vLLM could not serve the result, empty when it can; `tensor_parallel`: per
@@ -144,11 +184,14 @@ def quantize(
     time and peak memory per stage (`report.STAGES`), also written to `output/quantize_report.json`).
 
     Everything that needs no model is checked before the model loads: the output directory (not
-    the input, not existing unless `overwrite`), the recipe as a whole (`recipe_check.RULES`)."""
+    the input, not existing unless `overwrite`), the recipe as a whole (`recipe_check.RULES`), the
+    `device` (`auto`: llm-compressor's choice, the first accelerator, else the CPU; or `cpu`,
+    `cuda[:N]`) each block is calibrated on (the model itself stays in CPU memory)."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
     started = time.perf_counter()
+    target = calibration_device(device)
     check_output_dir(output, [model_dir], overwrite)  # before minutes of loading
     config = read_model_config(model_dir)
     if "quantization_config" in config:
@@ -180,7 +223,7 @@ def quantize(
         _install_save(model)
         with atomic_output_dir(output, overwrite=overwrite) as staging:
             oneshot_started = time.perf_counter()
-            with report.stage("oneshot"):
+            with report.stage("oneshot"), _onload_to(target):
                 oneshot(
                     model=model,
                     tokenizer=tokenizer,

@@ -54,8 +54,8 @@ class _CoreBackend:
         self.max_sequence_length = self.model.config.max_position_embeddings
         self.device = next(self.model.parameters()).device
 
-    def generate(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list[str]:
-        return generate_texts(self.model, self.tokenizer, prompts, sampling, self.mask_token_id)
+    def generate(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool) -> list[str]:
+        return generate_texts(self.model, self.tokenizer, prompts, sampling, self.mask_token_id, add_special_tokens)
 
     def score(self, prompt_ids, answer_ids, mc_samples, batch_size, seed, greedy):
         tensor = lambda ids: self.torch.tensor(ids, dtype=self.torch.long, device=self.device)  # noqa: E731
@@ -72,8 +72,8 @@ class _VLLMBackend:
         self.tokenizer, self.mask_token_id = self.llm.tokenizer, self.llm.mask_token_id
         self.max_sequence_length = self.llm.max_sequence_length
 
-    def generate(self, prompts: list[str], sampling: DiffusionSamplingConfig) -> list[str]:
-        return self.llm.generate_texts(prompts, sampling)
+    def generate(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool) -> list[str]:
+        return [c.text for c in self.llm.generate(prompts, sampling, add_special_tokens=add_special_tokens)]
 
     def score(self, prompt_ids, answer_ids, mc_samples, batch_size, seed, greedy):
         return self.llm.score(prompt_ids, answer_ids, mc_samples, batch_size, seed, greedy)
@@ -122,6 +122,7 @@ class StarQuantLM(TemplateLM):
                 raise InputError("model_args tensor_parallel_size: needs backend=vllm")
             self.model = _CoreBackend(str(pretrained), dtype, device or "cpu")
         self.pretrained, self.batch_size = str(pretrained), batch_size
+        self._templated = False  # requests are rendered chat templates (--apply_chat_template)
         self.tokenizer = self.model.tokenizer
         self.max_gen_toks, self.mc_samples, self.mc_batch_size, self.seed = max_gen_toks, mc_samples, mc_batch_size, seed
         self.decoding = {"block_length": block_length, "steps": steps, "remasking": remasking, "threshold": threshold,
@@ -147,10 +148,22 @@ class StarQuantLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.pretrained
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A conversation rendered by the checkpoint's chat template (lm-eval's `--apply_chat_template`).
+        The template writes the special tokens it wants (BOS), so requests are then tokenized
+        without adding any."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(f"{self.pretrained}: the model has no chat template (tokenizer_config.json has no "
+                             "chat_template): run without --apply_chat_template")
+        self._templated = True
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """Token ids of a text (with the tokenizer's special tokens, BOS, unless told otherwise), as
-        the decoding paths tokenize prompts; InputError when the tokenizer cannot read it as written."""
-        special = True if add_special_tokens is None else add_special_tokens
+        """Token ids of a text (with the tokenizer's special tokens, BOS, unless told otherwise or the
+        text is a rendered chat template), as the decoding paths tokenize prompts; InputError when
+        the tokenizer cannot read it as written."""
+        special = not self._templated if add_special_tokens is None else add_special_tokens
         return encode_prompt(self.tokenizer, string, self.model.mask_token_id, "request text", special)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -189,7 +202,8 @@ class StarQuantLM(TemplateLM):
                 contexts = [requests[i].args[0] for i in chunk]
                 for i, context in zip(chunk, contexts):
                     self._check_canvas(len(self.tok_encode(context)) + sampling.gen_length, f"request {i}")
-                for i, context, text in zip(chunk, contexts, self.model.generate(contexts, sampling)):
+                for i, context, text in zip(chunk, contexts,
+                                            self.model.generate(contexts, sampling, not self._templated)):
                     cuts = [text.find(s) for s in until if s and s in text]
                     results[i] = text[:min(cuts)] if cuts else text
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])

@@ -124,9 +124,11 @@ def default_sampling(
 
 
 def generate_texts(
-    model, tokenizer, prompts: list[str], sampling: DiffusionSamplingConfig, mask_token_id: int
+    model, tokenizer, prompts: list[str], sampling: DiffusionSamplingConfig, mask_token_id: int,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Decode one batch of prompts; returns the continuations with special tokens skipped.
+    `add_special_tokens=False` for prompts that hold them already (rendered chat templates).
 
     InputError naming the prompt when one cannot be read as written (`encode_prompt`) or its
     canvas exceeds the model's `max_sequence_length`.
@@ -134,13 +136,13 @@ def generate_texts(
     limit = getattr(model.config, "max_sequence_length", None)
     for index, prompt in enumerate(prompts):
         name = "prompt" if len(prompts) == 1 else f"prompt {index}"
-        length = len(encode_prompt(tokenizer, prompt, mask_token_id, name))
+        length = len(encode_prompt(tokenizer, prompt, mask_token_id, name, add_special_tokens))
         if limit is not None and length + sampling.gen_length > limit:
             raise InputError(
                 f"{name}: {length} prompt tokens + gen_length {sampling.gen_length} exceeds "
                 f"max_sequence_length={limit}"
             )
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     if batch["input_ids"].shape[1] == 0:
         raise ValueError("empty prompt: the tokenizer produced no tokens")
     device = next(model.parameters()).device

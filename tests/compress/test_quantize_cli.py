@@ -291,3 +291,31 @@ def test_dtype_sets_the_precision_the_model_is_calibrated_and_written_in(tiny_mo
     with safe_open(output / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16", "I8"}  # float tensors in bf16, int8 codes
     assert "weights on disk" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda:0", "--device cuda:0: no such CUDA device here (0 visible)"),
+        ("gpu0", "--device: 'gpu0' is not a device (auto, cpu, cuda, cuda:N)"),
+        ("meta", "--device: 'meta': cpu or cuda[:N]"),
+    ],
+)
+def test_a_device_that_is_not_here_is_refused_before_loading(tiny_model, tmp_path, capsys, device, message):
+    directory, dataset, _ = tiny_model
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines/rtn_w8a8.yaml"), "--output",
+                 str(tmp_path / "out"), "--dataset", str(dataset), "--device", device]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_device_chooses_where_llm_compressor_calibrates_each_block(tiny_model, tmp_path, monkeypatch):
+    """--device cpu: the sequential pipeline onloads blocks to the CPU (what `get_main_device` says
+    during oneshot), and llm-compressor's own choice is back afterwards."""
+    from llmcompressor.pipelines.sequential import pipeline as sequential
+
+    directory, dataset, _ = tiny_model
+    seen, original = [], sequential.get_main_device
+    monkeypatch.setattr(sequential, "set_onload_device", lambda model, device: seen.append(device))
+    assert main(["quantize", str(directory), "--recipe", str(RECIPES / "baselines/gptq_w8a8.yaml"), "--output",
+                 str(tmp_path / "out"), "--dataset", str(dataset), "--num-samples", "8", "--device", "cpu"]) == 0
+    assert seen == [torch.device("cpu")] and sequential.get_main_device is original

@@ -50,14 +50,14 @@ def tasks(tmp_path_factory):
     return directory, examples, length
 
 
-def _evaluate(tasks_dir, model_args: dict, names: list[str]) -> dict:
+def _evaluate(tasks_dir, model_args: dict, names: list[str], **options) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     import starquant_plugin.evaluation.harness  # noqa: F401  (registers the model)
 
     return lm_eval.simple_evaluate(model="starquant", model_args=model_args, tasks=names, batch_size=8,
-                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True)
+                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True, **options)
 
 
 @pytest.mark.slow
@@ -95,6 +95,14 @@ def test_core_backend_scores_what_the_project_decodes_and_estimates(tasks):
                 gen_length=len(answer), steps=len(answer))).generated[0]
             assert greedy == torch.equal(decoded, answer)
     assert results["results"]["sq_arith_mc"]["acc,none"] >= 10 / 12  # the right answer is the more likely
+
+    # --apply_chat_template: the shipped template renders the user message as the bare prompt with
+    # its BOS, tokenized without adding another: the same answers.
+    chat = _evaluate(directory, {"pretrained": str(model_dir), "block_length": length}, ["sq_arith_gen"],
+                     apply_chat_template=True)
+    chat_samples = sorted(chat["samples"]["sq_arith_gen"], key=lambda s: s["doc_id"])
+    assert tokenizer.bos_token in chat_samples[0]["arguments"][0][0]  # the rendered context
+    assert [s["resps"][0][0] for s in chat_samples] == [s["resps"][0][0] for s in samples]
 
 
 @pytest.mark.slow
