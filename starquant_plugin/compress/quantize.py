@@ -4,7 +4,7 @@ import json
 import random
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
 
@@ -142,11 +142,15 @@ def _onload_to(target):
     from llmcompressor.pipelines.data_free import pipeline as data_free
     from llmcompressor.pipelines.sequential import pipeline as sequential
 
+    import torch
+
     saved = [(module, module.get_main_device) for module in (sequential, data_free)]
     for module, _ in saved:
         module.get_main_device = lambda: target
     try:
-        yield
+        # The current CUDA device too: the per-stage report reads the peak memory of that one.
+        with torch.cuda.device(target) if target.type == "cuda" else nullcontext():
+            yield
     finally:
         for module, original in saved:
             module.get_main_device = original

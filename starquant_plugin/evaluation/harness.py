@@ -122,7 +122,6 @@ class StarQuantLM(TemplateLM):
                 raise InputError("model_args tensor_parallel_size: needs backend=vllm")
             self.model = _CoreBackend(str(pretrained), dtype, device or "cpu")
         self.pretrained, self.batch_size = str(pretrained), batch_size
-        self._templated = False  # requests are rendered chat templates (--apply_chat_template)
         self.tokenizer = self.model.tokenizer
         self.max_gen_toks, self.mc_samples, self.mc_batch_size, self.seed = max_gen_toks, mc_samples, mc_batch_size, seed
         self.decoding = {"block_length": block_length, "steps": steps, "remasking": remasking, "threshold": threshold,
@@ -150,20 +149,25 @@ class StarQuantLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """A conversation rendered by the checkpoint's chat template (lm-eval's `--apply_chat_template`).
-        The template writes the special tokens it wants (BOS), so requests are then tokenized
-        without adding any."""
+        The template writes the special tokens it wants (BOS): a text that starts with the BOS token
+        is tokenized without adding any (`tok_encode`)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError(f"{self.pretrained}: the model has no chat template (tokenizer_config.json has no "
                              "chat_template): run without --apply_chat_template")
-        self._templated = True
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
+    def _adds_special_tokens(self, text: str) -> bool:
+        """Whether a request text gets the tokenizer's special tokens (BOS): not when it starts with
+        the BOS token already (a rendered chat template, also one read back from lm-eval's cache)."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Token ids of a text (with the tokenizer's special tokens, BOS, unless told otherwise or the
-        text is a rendered chat template), as the decoding paths tokenize prompts; InputError when
-        the tokenizer cannot read it as written."""
-        special = not self._templated if add_special_tokens is None else add_special_tokens
+        text starts with BOS), as the decoding paths tokenize prompts; InputError when the tokenizer
+        cannot read it as written."""
+        special = self._adds_special_tokens(string) if add_special_tokens is None else add_special_tokens
         return encode_prompt(self.tokenizer, string, self.model.mask_token_id, "request text", special)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -181,7 +185,7 @@ class StarQuantLM(TemplateLM):
             (text,) = request.args
             tokens = self.tok_encode(text, add_special_tokens=False)
             windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1))
+                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1, context_len=1))
             total = -sum(self._score(context, continuation, greedy=False)[0] for context, continuation in windows)
             results.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
@@ -197,17 +201,23 @@ class StarQuantLM(TemplateLM):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             sampling = self.sampling(gen_kwargs.pop("max_gen_toks", self.max_gen_toks), gen_kwargs)
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                contexts = [requests[i].args[0] for i in chunk]
-                for i, context in zip(chunk, contexts):
-                    self._check_canvas(len(self.tok_encode(context)) + sampling.gen_length, f"request {i}")
-                for i, context, text in zip(chunk, contexts,
-                                            self.model.generate(contexts, sampling, not self._templated)):
-                    cuts = [text.find(s) for s in until if s and s in text]
-                    results[i] = text[:min(cuts)] if cuts else text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+            # Rendered chat templates (starting with BOS) and plain texts decode in separate batches.
+            for special in (True, False):
+                same = [i for i in indices if self._adds_special_tokens(requests[i].args[0]) == special]
+                self._generate(requests, same, sampling, special, until, results)
         return results
+
+    def _generate(self, requests, indices: list[int], sampling: DiffusionSamplingConfig, special: bool,
+                  until: list[str], results: list) -> None:
+        for start in range(0, len(indices), self.batch_size):
+            chunk = indices[start:start + self.batch_size]
+            contexts = [requests[i].args[0] for i in chunk]
+            for i, context in zip(chunk, contexts):
+                self._check_canvas(len(self.tok_encode(context)) + sampling.gen_length, f"request {i}")
+            for i, text in zip(chunk, self.model.generate(contexts, sampling, special)):
+                cuts = [text.find(s) for s in until if s and s in text]
+                results[i] = text[:min(cuts)] if cuts else text
+                self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
 
     # -- helpers ---------------------------------------------------------------------------------
 

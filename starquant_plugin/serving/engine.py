@@ -92,6 +92,38 @@ class DiffusionCompletion:
     logprobs: list[TokenLogprob] | None = None
 
 
+class _TextTokens:
+    """Each generated text token's string as the text shows it: what it adds to the decoded prefix
+    (a token decoded alone can differ: a SentencePiece word's leading space, one byte of a
+    multi-byte character). A token that ends inside a character adds "" and the next one the
+    whole character. Committed prefixes only grow, so a stream's updates decode only new tokens."""
+
+    def __init__(self, tokenizer, mask_token_id: int):
+        self.tokenizer, self.mask_token_id = tokenizer, mask_token_id
+        self.skip = set(tokenizer.all_special_ids) | {mask_token_id}
+        self.rows: dict[int, dict] = {}
+
+    def extend(self, row: int, ids: list[int], logprobs: list[float], top_ids: list[list[int]],
+               top: list[list[float]]) -> list[TokenLogprob]:
+        state = self.rows.setdefault(row, {"position": 0, "kept": [], "text": "", "entries": []})
+        end = ids.index(self.mask_token_id) if self.mask_token_id in ids else len(ids)
+        for position in range(state["position"], end):
+            token = ids[position]
+            if token in self.skip:
+                continue
+            state["kept"].append(token)
+            text = self.tokenizer.decode(state["kept"], skip_special_tokens=True)
+            if text.endswith("\ufffd") and position < len(ids) - 1:
+                piece = ""  # inside a character: the next token completes it
+            else:
+                piece = text[len(state["text"]):] if text.startswith(state["text"]) else self.tokenizer.decode([token])
+                state["text"] = text
+            alternatives = [(self.tokenizer.decode([alt]), value) for alt, value in zip(top_ids[position], top[position])]
+            state["entries"].append(TokenLogprob(piece, token, logprobs[position], alternatives))
+        state["position"] = max(state["position"], end)
+        return list(state["entries"])
+
+
 @contextmanager
 def _cpu_rank_binding(ranks: int):
     """On vLLM's CPU platform, bind each rank's OpenMP threads to its own cores while the engine
@@ -224,28 +256,22 @@ class DiffusionLLM:
             completions.extend(self._completions(chunk, result))
         return completions
 
-    def _completions(self, prompts: list[str], result: dict) -> list[DiffusionCompletion]:
+    def _completions(self, prompts: list[str], result: dict, texts: "_TextTokens | None" = None) -> list[DiffusionCompletion]:
         generated = result["generated"]
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        logprobs = self._logprobs(generated, result["logprobs"])
+        decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        logprobs = self._logprobs(generated, result["logprobs"], texts)
         return [DiffusionCompletion(p, t, ids, result["steps"], None if logprobs is None else logprobs[row])
-                for row, (p, t, ids) in enumerate(zip(prompts, texts, generated))]
+                for row, (p, t, ids) in enumerate(zip(prompts, decoded, generated))]
 
-    def _logprobs(self, generated: list[list[int]], record: dict | None) -> list[list[TokenLogprob]] | None:
+    def _logprobs(self, generated: list[list[int]], record: dict | None,
+                  texts: "_TextTokens | None" = None) -> list[list[TokenLogprob]] | None:
         """Per row, the `TokenLogprob` of each committed text token before the first masked position
-        (special tokens are skipped, as in the text)."""
+        (special tokens are skipped, as in the text); `texts` keeps what earlier updates decoded."""
         if record is None:
             return None
-        special = set(self.tokenizer.all_special_ids) | {self.mask_token_id}
-        rows = []
-        for ids, logprobs, top_ids, top in zip(generated, record["token"], record["top_ids"], record["top"]):
-            end = ids.index(self.mask_token_id) if self.mask_token_id in ids else len(ids)
-            rows.append([
-                TokenLogprob(self.tokenizer.decode([token]), token, logprobs[i],
-                             [(self.tokenizer.decode([alt]), value) for alt, value in zip(top_ids[i], top[i])])
-                for i, token in enumerate(ids[:end]) if token not in special
-            ])
-        return rows
+        texts = texts or _TextTokens(self.tokenizer, self.mask_token_id)
+        return [texts.extend(row, ids, record["token"][row], record["top_ids"][row], record["top"][row])
+                for row, ids in enumerate(generated)]
 
     def generate_stream(self, prompts: list[str], params: DiffusionSamplingParams, add_special_tokens: bool = True,
                         steps_per_update: int = 1) -> Iterator[DiffusionProgress]:
@@ -256,7 +282,7 @@ class DiffusionLLM:
             raise ValueError(f"a stream decodes one batch: {len(prompts)} prompts exceed max_batch_size={self.max_batch_size}")
         self.validate(prompts, params, add_special_tokens)
         batch = self.tokenizer(prompts, padding=True, add_special_tokens=add_special_tokens)
-        key = uuid.uuid4().hex
+        key, texts = uuid.uuid4().hex, _TextTokens(self.tokenizer, self.mask_token_id)
         self.llm.collective_rpc("starquant_stream_open", args=(key, batch["input_ids"], batch["attention_mask"],
                                                                 asdict(params)))
         done = False
@@ -267,9 +293,9 @@ class DiffusionLLM:
                 generated = update["generated"]
                 progress = DiffusionProgress(update["steps"], [self._committed_text(ids) for ids in generated],
                                              [self._canvas_tokens(ids) for ids in generated],
-                                             logprobs=self._logprobs(generated, update["logprobs"]))
+                                             logprobs=self._logprobs(generated, update["logprobs"], texts))
                 if done:
-                    progress.completions = self._completions(prompts, update)
+                    progress.completions = self._completions(prompts, update, texts)
                 yield progress
         finally:
             if not done:

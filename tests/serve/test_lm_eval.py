@@ -106,6 +106,22 @@ def test_core_backend_scores_what_the_project_decodes_and_estimates(tasks):
 
 
 @pytest.mark.slow
+def test_rolling_loglikelihood_of_a_document_longer_than_the_canvas():
+    """lm-eval's rolling windows (each a context token and up to max_length - 1 tokens) fit the
+    canvas; the document's log-likelihood is the sum over its windows, a finite negative number."""
+    import math
+    from types import SimpleNamespace
+
+    from starquant_plugin.evaluation.harness import StarQuantLM
+
+    lm = StarQuantLM(pretrained=str(SHIPPED_MODELS["llada"]), mc_samples=16)
+    document = "".join(e.prompt + e.answer for e in load_tasks(SHIPPED_MODELS["llada"] / "eval.jsonl")[:80])
+    assert len(lm.tok_encode(document, add_special_tokens=False)) > 2 * lm.max_length
+    (total,) = lm.loglikelihood_rolling([SimpleNamespace(args=(document,))])
+    assert math.isfinite(total) and total < 0
+
+
+@pytest.mark.slow
 def test_vllm_backend_on_a_starquant_checkpoint_and_the_command_line(tasks, starquant_w8a8_checkpoint, tmp_path):
     """`starquant lm-eval` (lm-eval's own command line) on a STaR-Quant W8A8 checkpoint served by
     vLLM: its per-sample answers are the engine's decoding, its loglikelihoods the core's estimate on

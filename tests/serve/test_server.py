@@ -496,3 +496,29 @@ def test_a_client_that_goes_away_cancels_its_decoding(server):
         time.sleep(0.2)
     assert httpx.get(f"{base}/health").json()["pending_prompts"] == 0
     assert _complete(base, prompt="abc", max_tokens=2).status_code == 200
+
+
+def test_logprob_tokens_are_what_each_token_adds_to_the_text():
+    """With a byte-level BPE tokenizer a character can span tokens, and a token decoded alone is not
+    what it adds to the text: the entries' strings concatenate to the decoded text exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from starquant_plugin.serving.engine import _TextTokens
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>", "<mask>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", mask_token="<mask>")
+    mask = tokenizer.mask_token_id
+    text = "héllo wörld 日本 🙂"
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # some token holds part of a character
+    n = len(ids)
+    texts = _TextTokens(tokenizer, mask)
+    half = ids[:n // 2] + [mask] * (n - n // 2)  # a stream's update: the committed prefix so far
+    first = texts.extend(0, half, [-0.5] * n, [[0]] * n, [[-0.1]] * n)
+    entries = texts.extend(0, ids, [-0.5] * n, [[0]] * n, [[-0.1]] * n)
+    assert entries[:len(first)] == first and len(entries) == n - 1  # the EOS is not part of the text
+    assert "".join(e.token for e in entries) == tokenizer.decode(ids, skip_special_tokens=True) == text
