@@ -53,13 +53,14 @@ class _CoreBackend:
         self.mask_token_id = self.model.config.mask_token_id
         self.max_sequence_length = self.model.config.max_position_embeddings
         self.device = next(self.model.parameters()).device
+        self.logits_fn = hf_logits_fn(self.model)
 
     def generate(self, prompts: list[str], sampling: DiffusionSamplingConfig, add_special_tokens: bool) -> list[str]:
         return generate_texts(self.model, self.tokenizer, prompts, sampling, self.mask_token_id, add_special_tokens)
 
     def score(self, prompt_ids, answer_ids, mc_samples, batch_size, seed, greedy):
         tensor = lambda ids: self.torch.tensor(ids, dtype=self.torch.long, device=self.device)  # noqa: E731
-        return score_answer(hf_logits_fn(self.model), tensor(prompt_ids), tensor(answer_ids), self.mask_token_id,
+        return score_answer(self.logits_fn, tensor(prompt_ids), tensor(answer_ids), self.mask_token_id,
                             mc_samples, batch_size, seed, greedy, logits_window=True)
 
 

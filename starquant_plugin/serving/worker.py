@@ -11,6 +11,7 @@ import ctypes
 import gc
 import os
 import time
+from dataclasses import fields
 
 import torch
 
@@ -46,8 +47,8 @@ def _predictions_fn(model):
 def _sampling(sampling: dict) -> tuple[DiffusionSamplingConfig, str, int | None]:
     """The core sampler's settings of an RPC's `DiffusionSamplingParams` dict, and the cache mode
     and refresh interval (the engine's own fields)."""
-    sampling = dict(sampling)
-    return DiffusionSamplingConfig(**{k: v for k, v in sampling.items() if not k.startswith("cache")}), \
+    core = {f.name for f in fields(DiffusionSamplingConfig)}
+    return DiffusionSamplingConfig(**{k: v for k, v in sampling.items() if k in core}), \
         sampling.get("cache", "none"), sampling.get("cache_refresh_steps")
 
 
