@@ -81,7 +81,7 @@ bench: setup
 
 # On a GPU machine that has only torch and Triton (its python3; no vLLM): Triton ops vs torch,
 # an SGAT-fed int8 GEMM vs a bf16 linear at LLaDA-8B shapes, the core eval on CUDA vs CPU
-# (scripts/gpu_check.py; docs/performance.md, "GPU check"). About 3 min on an H200.
+# (scripts/gpu_check.py; docs/performance.md, "GPU check"). About 1 min on an H200.
 # Its python3 lacks pydantic and loguru (and compressed-tensors, for quantized checkpoints):
 # `make gpu-wheels` here downloads them to .whl/, installed there first when present.
 GPU_CHECK_ARGS ?=

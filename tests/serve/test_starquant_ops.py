@@ -1,5 +1,7 @@
 """`torch.ops.starquant.*`: the fused SGAT quantize op and the TAC op against the core maths."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ from starquant_plugin.quantization.quantizers import fake_quantize_per_token
 from starquant_plugin.quantization.sgat import SGATSite, sgat_transform_input
 from starquant_plugin.quantization.tac import TACMap, apply_tac
 from starquant_plugin.serving.quantization import ops  # noqa: F401  (registers the ops)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inputs(tokens=12, width=64, seed=0):
@@ -54,20 +58,26 @@ def test_ops_have_fake_implementations_for_tracing():
 
 
 TRITON_CHECK = """
+import sys
 import pytest
 import torch
 from starquant_plugin.serving.quantization import ops
 from starquant_plugin.serving.quantization.triton_ops import sgat_quantize_triton, tac_triton
+from gpu_check import code_mismatches
 assert ops.TRITON_KERNELS
 for dtype in (torch.float32, torch.float16):
-    for width, block in ((64, 32), (256, 128), (96, 32), (96, 0)):
+    # 12 tokens: one partial 16-token tile; 37: three tiles; 0: a width of one padded column block.
+    for tokens, width, block in ((12, 64, 32), (12, 256, 128), (12, 96, 32), (12, 96, 0), (37, 512, 256)):
         g = torch.Generator().manual_seed(width + block)
-        x = (torch.randn(12, width, generator=g) * 3).to(dtype)
-        states = (torch.rand(12, generator=g) < 0.5).long()
+        x = (torch.randn(tokens, width, generator=g) * 3).to(dtype)
+        states = (torch.rand(tokens, generator=g) < 0.5).long()
         shift, clip = torch.randn(2, width, generator=g), torch.tensor([0.9, 0.7])
-        codes, scales = sgat_quantize_triton(x, states, shift, clip, block, 8)
         expected_codes, expected_scales = torch.ops.starquant.sgat_quantize(x.float(), states, shift, clip, block, 8)
-        assert torch.equal(codes, expected_codes), (dtype, width, block, int((codes != expected_codes).sum()))
+        codes, scales = sgat_quantize_triton(x, states, shift, clip, block, 8)
+        # Summed in another order than the reference's matmul, a rotated value within float32
+        # rounding of a half-code boundary may round to the neighbouring code; nothing else may differ.
+        mismatched, wrong = code_mismatches(codes, expected_codes, x, states, shift, block, expected_scales)
+        assert wrong == 0, (dtype, width, block, mismatched, wrong)
         torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
     x = torch.randn(10, 64, generator=g).to(dtype)
     buckets = torch.randint(0, 2, (10,), generator=g)
@@ -89,7 +99,8 @@ def test_triton_kernels_match_the_torch_ops_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton comes with the serve environment")
     done = subprocess.run(
         [sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])},
     )
     assert done.returncode == 0 and "triton ok" in done.stdout, done.stderr[-3000:]
 
