@@ -18,7 +18,11 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: compare-dream compare-dream-second-model compare-second-model setup setup-compress setup-serve demo compare bench gpu-check gpu-wheels test test-compress test-serve clean
 
-setup: setup-compress setup-serve
+# The C kernel of sgat_quantize on CPU (setup.py; optional: without a compiler the op runs its torch
+# code with a named warning), rebuilt in place when its source changes (both venvs are Python 3.11).
+SGAT_CPU_STAMP = $(VENV)/.built-sgat-cpu-$(shell cat setup.py starquant_plugin/serving/quantization/csrc/*.c | sha256sum | cut -c1-12)
+
+setup: setup-compress setup-serve $(SGAT_CPU_STAMP)
 setup-compress: $(COMPRESS)/.installed
 setup-serve: $(SERVE_STAMP)
 
@@ -27,6 +31,11 @@ $(COMPRESS)/.installed: requirements/compress.txt pyproject.toml
 	$(COMPRESS)/bin/pip install -q --upgrade pip
 	$(COMPRESS)/bin/pip install -q -r requirements/compress.txt
 	$(COMPRESS)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(SGAT_CPU_STAMP): setup.py starquant_plugin/serving/quantization/csrc/sgat_cpu.c | setup-serve
+	$(SERVE)/bin/python setup.py -q build_ext --inplace
+	rm -f $(VENV)/.built-sgat-cpu-*
 	touch $@
 
 $(SERVE_STAMP): $(SERVE_REQUIREMENTS) pyproject.toml
@@ -103,7 +112,7 @@ test-compress: setup-compress
 
 # The core suite runs here too: the serve env has its own transformers version. The serve
 # suite writes STaR-Quant checkpoints with the compress environment's `starquant quantize`.
-test-serve: setup-serve setup-compress
+test-serve: setup-serve setup-compress $(SGAT_CPU_STAMP)
 	$(SERVE)/bin/python -m pytest tests/core $(wildcard tests/serve/test_*.py) $(PYTEST_ARGS)
 
 clean:

@@ -6,7 +6,8 @@ For the q/k/v input (k=4096 -> n=12288) and the down projection (k=12288 -> n=40
 activations, half the tokens masked:
 - `plain`: vLLM's W8A8 CPU path (its fused dynamic int8 quantize + the oneDNN int8 GEMM);
 - `sgat_quantize`: the `starquant` op (shift by state, block-Hadamard 128, clipped per-token
-  int8), which feeds the same GEMM its codes; `compensation`: the per-state output add;
+  int8: the C kernel, `ops.CPU_KERNEL`), which feeds the same GEMM its codes; `sgat torch code`:
+  the same op in the core's torch code (its fallback); `compensation`: the per-state output add;
 - `rotation bf16` / `rotation fp32`: the block-Hadamard matmul alone in each dtype (why the op
   computes in float32 on CPU).
 Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share of the GEMM.
@@ -26,7 +27,7 @@ def main() -> None:
     from vllm import _custom_ops as vllm_ops
 
     from starquant_plugin.quantization.hadamard import hadamard_matrix
-    from starquant_plugin.serving.quantization import ops  # noqa: F401  (registers torch.ops.starquant)
+    from starquant_plugin.serving.quantization import ops  # registers torch.ops.starquant
 
     t = args.tokens
     g = torch.Generator().manual_seed(0)
@@ -58,6 +59,7 @@ def main() -> None:
             "vllm quantize": lambda: vllm_ops.onednn_scaled_int8_quant(x, None, None, True),
             "gemm": lambda: gemm(codes, scales),
             "sgat_quantize": lambda: torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8),
+            "sgat torch code": lambda: ops.sgat_quantize_torch(x, states, shift, clip, 128, 8),
             "compensation": lambda: output + compensation[states],
             "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
             "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
@@ -65,6 +67,9 @@ def main() -> None:
         times = {name: timed(fn, repeats=5) for name, fn in rows.items()}
         for name, seconds in times.items():
             print(f"{f'{k} -> {n}':<14} {name:<16} {seconds * 1e3:>8.2f}")
+        print(f"{f'{k} -> {n}':<14} sgat_quantize / vLLM's quantize: {times['sgat_quantize'] / times['vllm quantize']:.2f}x "
+              f"({'C kernel' if ops.CPU_KERNEL else 'torch code: the C kernel is not built'}; torch code "
+              f"{times['sgat torch code'] / times['vllm quantize']:.2f}x)")
         added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]
         print(f"{f'{k} -> {n}':<14} SGAT adds {added / times['plain'] * 100:.1f}% to the plain W8A8 linear")
 

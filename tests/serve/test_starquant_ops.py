@@ -37,6 +37,77 @@ def test_sgat_quantize_equals_core_transform_then_clipped_per_token_quantizer():
     assert torch.equal(requantized, codes.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, width, block, bits", [
+    (37, 4096, 128, 8), (5, 512, 256, 8), (16, 96, 32, 8), (9, 48, 16, 4), (7, 40, 8, 8), (3, 6, 2, 8),
+    (20, 100, 0, 8), (20, 128, 0, 8), (11, 2048, 1024, 4), (3, 4096, 2048, 8), (0, 64, 32, 8),
+])
+def test_cpu_kernel_matches_the_core_maths(dtype, tokens, width, block, bits):
+    """The C kernel (built by `make setup`) against the core's torch maths: every shape class it
+    has a path for (blocks of 16+ columns in vectors, narrower blocks, no rotation), bf16/fp32/fp16
+    inputs, 4 and 8 bits, 3-D inputs, no tokens."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gpu_check import code_mismatches
+
+    assert ops.CPU_KERNEL, "the C kernel of sgat_quantize was not built (make setup builds it)"
+    g = torch.Generator().manual_seed(width + block + tokens)
+    x = (torch.randn(tokens, width, generator=g) * 3 + torch.randn(width, generator=g)).to(dtype)
+    states = (torch.rand(tokens, generator=g) < 0.5).to(torch.int32)
+    shift, clip = torch.randn(2, width, generator=g), torch.tensor([0.9, 0.7])
+    codes, scales = torch.ops.starquant.sgat_quantize(x, states, shift, clip, block, bits)
+    expected_codes, expected_scales = ops.sgat_quantize_torch(x, states, shift, clip, block, bits)
+    assert codes.dtype == torch.int8 and codes.shape == (tokens, width) and scales.shape == (tokens, 1)
+    mismatched, wrong = code_mismatches(codes, expected_codes, x.float(), states, shift, block, expected_scales)
+    assert wrong == 0, (mismatched, wrong)
+    torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+    if tokens:
+        folded, folded_scales = torch.ops.starquant.sgat_quantize(x.view(1, tokens, width), states.view(1, -1), shift,
+                                                                  clip, block, bits)
+        assert torch.equal(folded[0], codes) and torch.equal(folded_scales[0], scales)
+
+
+def test_cpu_kernel_splits_rows_over_torchs_threads_with_the_same_result():
+    x, states, shift, clip = _inputs(tokens=37, width=512)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            results.append(torch.ops.starquant.sgat_quantize(x.bfloat16(), states, shift, clip, 128, 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_kernel_refuses_a_rotation_block_that_does_not_divide_the_width():
+    x, states, shift, clip = _inputs(width=48)
+    with pytest.raises(ValueError, match="rotation block 32 is not a power of two dividing the input width 48"):
+        torch.ops.starquant.sgat_quantize(x, states, shift, clip, 32, 8)
+
+
+def test_without_the_c_kernel_the_op_warns_and_runs_the_torch_code():
+    import subprocess
+    import sys
+
+    script = """
+import sys, warnings
+sys.modules["starquant_plugin.serving.quantization._sgat_cpu"] = None  # as if never built
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from starquant_plugin.serving.quantization import ops
+import torch
+assert not ops.CPU_KERNEL
+assert [w.category.__name__ for w in caught if "C kernel" in str(w.message)] == ["SlowCPUKernelWarning"], caught
+x = torch.randn(4, 64)
+codes, scales = torch.ops.starquant.sgat_quantize(x, torch.tensor([0, 1, 1, 0]), torch.zeros(2, 64), torch.ones(2), 32, 8)
+print("fallback ok", codes.dtype)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fallback ok torch.int8" in done.stdout, done.stderr[-3000:]
+
+
 def test_tac_op_equals_core_apply_tac():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(10, 64, generator=g)

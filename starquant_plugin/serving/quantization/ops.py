@@ -8,18 +8,29 @@ compilation can trace them (fake implementations give shapes and dtypes).
 - `tac(x, buckets, matrices, offsets) -> x`: the block-diagonal affine map of TAC per
   token's mask-ratio bucket (core `apply_tac`).
 
-The default implementation (CPU, and any device without a better one) runs the core's
-torch code; on CUDA tensors the Triton kernels of `triton_ops.py` run when Triton is
-installed.
+On CPU `sgat_quantize` runs the C kernel built with the package (`csrc/sgat_cpu.c`: one
+vectorized pass per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
+kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
+device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
+runs the core's torch code. The kernels sum each rotation in another order than the core's
+matmul: a value within float32 rounding of a half-code boundary may take the neighbouring code.
 """
+
+import warnings
 
 import torch
 
-from ...quantization.quantizers import quantize_per_token
+from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["sgat_quantize", "tac"]
+__all__ = ["SlowCPUKernelWarning", "sgat_quantize", "sgat_quantize_torch", "tac"]
+
+
+class SlowCPUKernelWarning(UserWarning):
+    """The C kernel of `sgat_quantize` is not built (no C compiler at install): on CPU the op runs
+    its torch implementation, several times slower. `make setup` (or `pip install -e .` with a C
+    compiler) builds it."""
 
 
 @torch.library.custom_op("starquant::sgat_quantize", mutates_args=())
@@ -28,6 +39,13 @@ def sgat_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, in] (already smoothed), states [tokens] (1 = masked), shift [2, in], clip [2]
     -> codes [tokens, in] int8 and scales [tokens, 1] float32 with x~ ~= codes * scales."""
+    return sgat_quantize_torch(x, states, shift, clip, rotation_block, bits)
+
+
+def sgat_quantize_torch(
+    x: torch.Tensor, states: torch.Tensor, shift: torch.Tensor, clip: torch.Tensor, rotation_block: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sgat_quantize` in the core's torch code: the reference the kernels are tested against."""
     site = SGATSite(torch.ones_like(shift[0]), shift, clip, rotation_block)
     states = states.long()
     # In float32 from the start: the rotation is a matmul, and CPUs without bf16 units run a
@@ -65,3 +83,40 @@ def _register_triton_kernels() -> bool:
 
 
 TRITON_KERNELS = _register_triton_kernels()
+
+
+def sgat_quantize_cpu(
+    x: torch.Tensor, states: torch.Tensor, shift: torch.Tensor, clip: torch.Tensor, rotation_block: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel of `starquant::sgat_quantize` (same contract), on torch's intra-op threads."""
+    from . import _sgat_cpu
+
+    width = x.shape[-1]
+    if rotation_block and (rotation_block & (rotation_block - 1) or width % rotation_block):
+        raise ValueError(f"rotation block {rotation_block} is not a power of two dividing the input width {width}")
+    rows = x.reshape(-1, width)
+    if rows.dtype not in (torch.bfloat16, torch.float32):
+        rows = rows.float()
+    rows = rows.contiguous()
+    states = states.reshape(-1).long().contiguous()
+    shift, clip = shift.float().contiguous(), clip.float().contiguous()
+    codes = torch.empty(rows.shape, dtype=torch.int8)
+    scales = torch.empty((rows.shape[0], 1), dtype=torch.float32)
+    if rows.shape[0]:
+        _sgat_cpu.quantize(rows.data_ptr(), int(rows.dtype == torch.bfloat16), states.data_ptr(), shift.data_ptr(),
+                           clip.data_ptr(), codes.data_ptr(), scales.data_ptr(), rows.shape[0], width, rotation_block,
+                           float(integer_range(bits)), torch.get_num_threads())
+    return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
+
+
+def _register_cpu_kernel() -> bool:
+    try:
+        from . import _sgat_cpu  # noqa: F401
+    except ImportError:
+        warnings.warn(SlowCPUKernelWarning(SlowCPUKernelWarning.__doc__.replace("\n    ", " ")), stacklevel=2)
+        return False
+    sgat_quantize.register_kernel("cpu")(sgat_quantize_cpu)
+    return True
+
+
+CPU_KERNEL = _register_cpu_kernel()

@@ -1,0 +1,19 @@
+"""Builds the optional C kernel of `starquant::sgat_quantize` on CPU (metadata: pyproject.toml).
+
+`optional=True`: where no C compiler is found the package installs without it, and the op
+runs its torch implementation with a named warning (starquant_plugin/serving/quantization/ops.py).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "starquant_plugin.serving.quantization._sgat_cpu",
+            sources=["starquant_plugin/serving/quantization/csrc/sgat_cpu.c"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-std=c11"],
+            extra_link_args=["-lpthread"],
+            optional=True,
+        )
+    ]
+)

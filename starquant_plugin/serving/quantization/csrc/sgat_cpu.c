@@ -1,0 +1,269 @@
+/* CPU kernel of `starquant::sgat_quantize`, built with the package as the extension module
+ * `starquant_plugin.serving.quantization._sgat_cpu` (setup.py; optional: without a C compiler
+ * the op falls back to its torch implementation with a named warning).
+ *
+ * Per token row, in float32: subtract the token state's shift, rotate each rotation block by
+ * the orthonormal Hadamard (fast Walsh-Hadamard butterflies, stages of half-width 1, 2, 4, ...,
+ * then times 1/sqrt(block): the same operations in the same order as the Triton kernel), take
+ * the row absmax, scale = max(absmax * clip[state], 1e-8) / qmax, codes = round-half-even(v *
+ * (1 / scale)) clamped to [-qmax, qmax]. Rows are split over `threads` POSIX threads; the GIL is
+ * released while they run. Tensors arrive as addresses of contiguous buffers (checked by the
+ * Python caller). Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
+ * baseline and picked at load time (target_clones).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+
+typedef struct {
+    const void *x;
+    int dtype;
+    const int64_t *states;
+    const float *shift; /* [2, width] */
+    const float *clip;  /* [2] */
+    int8_t *codes;
+    float *scales;
+    int64_t width, block, row_begin, row_end;
+    float qmax;
+    int failed;
+} Job;
+
+MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t width, const float *shift, float *v) {
+    if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *in = (const uint16_t *)x + row * width;
+        for (int64_t c = 0; c < width; c++) {
+            uint32_t bits = (uint32_t)in[c] << 16;
+            float value;
+            memcpy(&value, &bits, sizeof value);
+            v[c] = value - shift[c];
+        }
+    } else {
+        const float *in = (const float *)x + row * width;
+        for (int64_t c = 0; c < width; c++) v[c] = in[c] - shift[c];
+    }
+}
+
+/* Walsh-Hadamard butterfly stages of half-width 1, 2, 4, ... over elements b[0..n) of type T
+ * (floats, or whole 16-float vectors): (a, c) -> (a + c, a - c). */
+#define BUTTERFLIES(T, b, n)                                      \
+    for (int64_t half = 1; half < (n); half *= 2)                 \
+        for (int64_t i = 0; i < (n); i += 2 * half)               \
+            for (int64_t j = i; j < i + half; j++) {              \
+                T a_ = (b)[j], c_ = (b)[j + half];                \
+                (b)[j] = a_ + c_;                                 \
+                (b)[j + half] = a_ - c_;                          \
+            }
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* Butterfly stages of half-width 1, 2, 4, 8 inside one 16-float vector: lane j takes
+ * x[j] + x[j ^ h] (lower lane of the pair) or x[j ^ h] - x[j] (upper), i.e. (a + c, a - c). */
+#define STAGE(x, h)                                                                                           \
+    do {                                                                                                      \
+        const v16i partner = {0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h,                        \
+                              8 ^ h, 9 ^ h, 10 ^ h, 11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h};                 \
+        const v16f sign = {(0 & h) ? -1.f : 1.f, (1 & h) ? -1.f : 1.f, (2 & h) ? -1.f : 1.f,                   \
+                           (3 & h) ? -1.f : 1.f, (4 & h) ? -1.f : 1.f, (5 & h) ? -1.f : 1.f,                   \
+                           (6 & h) ? -1.f : 1.f, (7 & h) ? -1.f : 1.f, (8 & h) ? -1.f : 1.f,                   \
+                           (9 & h) ? -1.f : 1.f, (10 & h) ? -1.f : 1.f, (11 & h) ? -1.f : 1.f,                 \
+                           (12 & h) ? -1.f : 1.f, (13 & h) ? -1.f : 1.f, (14 & h) ? -1.f : 1.f,                \
+                           (15 & h) ? -1.f : 1.f};                                                            \
+        x = x * sign + __builtin_shuffle(x, partner);                                                         \
+    } while (0)
+
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+/* Non-negative floats order as their bit patterns: |x| and max compare as integers. */
+static inline __attribute__((always_inline)) v16i as_int(v16f x) {
+    v16i bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
+
+static inline __attribute__((always_inline)) v16f as_float(v16i bits) {
+    v16f x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* 16 inputs from column c, in float32, minus the shift. */
+static inline __attribute__((always_inline)) v16f load16(const void *x, int dtype, int64_t offset, const float *shift) {
+    v16f value, minus;
+    if (dtype == DTYPE_BFLOAT16) {
+        v16h half;
+        memcpy(&half, (const uint16_t *)x + offset, sizeof half);
+        v16i bits = __builtin_convertvector(half, v16i) << 16;
+        memcpy(&value, &bits, sizeof value);
+    } else {
+        memcpy(&value, (const float *)x + offset, sizeof value);
+    }
+    memcpy(&minus, shift, sizeof minus);
+    return value - minus;
+}
+
+static inline __attribute__((always_inline)) v16f running_absmax(v16f absmax, v16f x) {
+    v16i magnitude = as_int(x) & 0x7fffffff, larger = magnitude > as_int(absmax);
+    return as_float((larger & magnitude) | (~larger & as_int(absmax)));
+}
+
+/* One rotation block of `vectors` 16-column vectors from x[offset:], into b: each vector takes
+ * butterfly stages 1-8 in registers, then stages 16, 32, ... combine whole vectors; inlined with
+ * a constant `vectors` for the usual block sizes, so the block stays in registers. */
+static inline __attribute__((always_inline)) v16f rotate_block(const void *x, int dtype, int64_t offset,
+                                                               const float *shift, v16f *b, const int64_t vectors,
+                                                               float norm, v16f absmax) {
+    v16f r[64];
+    for (int64_t k = 0; k < vectors; k++) {
+        v16f value = load16(x, dtype, offset + 16 * k, shift + 16 * k);
+        STAGE(value, 1);
+        STAGE(value, 2);
+        STAGE(value, 4);
+        STAGE(value, 8);
+        r[k] = value;
+    }
+    BUTTERFLIES(v16f, r, vectors);
+    for (int64_t k = 0; k < vectors; k++) {
+        b[k] = r[k] * norm;
+        absmax = running_absmax(absmax, b[k]);
+    }
+    return absmax;
+}
+
+/* Widths in whole 16-column vectors, rotation blocks of 16 to 1024 columns (or none). v receives
+ * the row in float32, lanes the 16 lanes' running |max|. */
+MULTIVERSION static void load_rotate_row(const void *x, int dtype, int64_t row, int64_t width, int64_t block,
+                                         const float *shift, v16f *v, v16f *lanes) {
+    v16f absmax = {0};
+    if (!block) {
+        for (int64_t k = 0; k < width / 16; k++) {
+            v[k] = load16(x, dtype, row * width + 16 * k, shift + 16 * k);
+            absmax = running_absmax(absmax, v[k]);
+        }
+        *lanes = absmax;
+        return;
+    }
+    const float norm = 1.0f / sqrtf((float)block);
+    for (int64_t start = 0; start < width; start += block) {
+        const int64_t offset = row * width + start;
+        v16f *b = v + start / 16;
+        switch (block / 16) {
+            case 1: absmax = rotate_block(x, dtype, offset, shift + start, b, 1, norm, absmax); break;
+            case 2: absmax = rotate_block(x, dtype, offset, shift + start, b, 2, norm, absmax); break;
+            case 4: absmax = rotate_block(x, dtype, offset, shift + start, b, 4, norm, absmax); break;
+            case 8: absmax = rotate_block(x, dtype, offset, shift + start, b, 8, norm, absmax); break;
+            case 16: absmax = rotate_block(x, dtype, offset, shift + start, b, 16, norm, absmax); break;
+            case 32: absmax = rotate_block(x, dtype, offset, shift + start, b, 32, norm, absmax); break;
+            default: absmax = rotate_block(x, dtype, offset, shift + start, b, 64, norm, absmax); break; /* 1024 */
+        }
+    }
+    *lanes = absmax;
+}
+
+/* Rotation blocks under 16 columns (narrow layers): scalar butterflies. */
+static void hadamard_blocks(float *v, int64_t width, int64_t block) {
+    const float norm = 1.0f / sqrtf((float)block);
+    for (int64_t start = 0; start < width; start += block) {
+        float *b = v + start;
+        BUTTERFLIES(float, b, block);
+        for (int64_t j = 0; j < block; j++) b[j] *= norm;
+    }
+}
+
+MULTIVERSION static void store_codes(const float *v, int64_t width, float scale, float qmax, int8_t *out) {
+    const float inverse = 1.0f / scale;
+    const int32_t top = (int32_t)qmax;
+    for (int64_t c = 0; c < width; c++) {
+        int32_t q = __builtin_irintf(v[c] * inverse); /* the default rounding mode: half to even */
+        q = q > top ? top : (q < -top ? -top : q);
+        out[c] = (int8_t)q;
+    }
+}
+
+static void *run_rows(void *arg) {
+    Job *job = (Job *)arg;
+    float *v = aligned_alloc(64, sizeof(float) * (size_t)((job->width + 15) / 16 * 16));
+    if (!v) {
+        job->failed = 1;
+        return NULL;
+    }
+    for (int64_t row = job->row_begin; row < job->row_end; row++) {
+        int64_t state = job->states[row] ? 1 : 0;
+        const float *shift = job->shift + state * job->width;
+        float absmax = 0.0f;
+        if (job->width % 16 == 0 && ((job->block >= 16 && job->block <= 1024) || !job->block)) {
+            v16f lanes;
+            load_rotate_row(job->x, job->dtype, row, job->width, job->block, shift, (v16f *)v, &lanes);
+            for (int l = 0; l < 16; l++) absmax = lanes[l] > absmax ? lanes[l] : absmax;
+        } else {
+            load_row(job->x, job->dtype, row, job->width, shift, v);
+            if (job->block) hadamard_blocks(v, job->width, job->block);
+            for (int64_t c = 0; c < job->width; c++) absmax = fabsf(v[c]) > absmax ? fabsf(v[c]) : absmax;
+        }
+        float bound = absmax * job->clip[state];
+        float scale = (bound > 1e-8f ? bound : 1e-8f) / job->qmax;
+        job->scales[row] = scale;
+        store_codes(v, job->width, scale, job->qmax, job->codes + row * job->width);
+    }
+    free(v);
+    return NULL;
+}
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    unsigned long long x, states, shift, clip, codes, scales;
+    int dtype, threads;
+    long long tokens, width, block;
+    float qmax;
+    if (!PyArg_ParseTuple(args, "KiKKKKKLLLfi", &x, &dtype, &states, &shift, &clip, &codes, &scales, &tokens, &width,
+                          &block, &qmax, &threads))
+        return NULL;
+    if (threads < 1) threads = 1;
+    if (threads > tokens) threads = tokens > 0 ? (int)tokens : 1;
+    Job *jobs = calloc((size_t)threads, sizeof(Job));
+    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
+    int *started = calloc((size_t)threads, sizeof(int));
+    if (!jobs || !ids || !started) {
+        free(jobs), free(ids), free(started);
+        return PyErr_NoMemory();
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (Job){(const void *)x, dtype, (const int64_t *)states, (const float *)shift, (const float *)clip,
+                        (int8_t *)codes, (float *)scales, width, block, tokens * t / threads,
+                        tokens * (t + 1) / threads, qmax, 0};
+        /* the calling thread takes the first share */
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++)
+        if (t == 0 || !started[t]) run_rows(&jobs[t]);
+    for (int t = 1; t < threads; t++)
+        if (started[t]) pthread_join(ids[t], NULL);
+    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
+    Py_END_ALLOW_THREADS
+    free(jobs), free(ids), free(started);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS,
+     "quantize(x, dtype, states, shift, clip, codes, scales, tokens, width, block, qmax, threads): addresses "
+     "of contiguous buffers; writes codes int8 [tokens, width] and scales float32 [tokens]."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__sgat_cpu(void) { return PyModule_Create(&module); }
