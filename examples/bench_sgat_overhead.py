@@ -4,6 +4,7 @@
 
 For the q/k/v input (k=4096 -> n=12288) and the down projection (k=12288 -> n=4096), bf16
 activations, half the tokens masked:
+- `bf16 linear`: the unquantized layer (torch's bf16 GEMM: AMX or AVX512-BF16 where the CPU has them);
 - `plain`: vLLM's W8A8 CPU path (its fused dynamic int8 quantize + the oneDNN int8 GEMM);
 - `sgat_quantize`: the `starquant` op (shift by state, block-Hadamard 128, clipped per-token
   int8: the C kernel, `ops.CPU_KERNEL`), which feeds the same GEMM its codes; `sgat torch code`:
@@ -54,7 +55,9 @@ def main() -> None:
 
         codes, scales = torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8)
         output = gemm(codes, scales)
+        dense = torch.randn(n, k, generator=g).to(torch.bfloat16)
         rows = {
+            "bf16 linear": lambda: torch.nn.functional.linear(x, dense),
             "plain": plain,
             "vllm quantize": lambda: vllm_ops.onednn_scaled_int8_quant(x, None, None, True),
             "gemm": lambda: gemm(codes, scales),
@@ -71,7 +74,8 @@ def main() -> None:
               f"({'C kernel' if ops.CPU_KERNEL else 'torch code: the C kernel is not built'}; torch code "
               f"{times['sgat torch code'] / times['vllm quantize']:.2f}x)")
         added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]
-        print(f"{f'{k} -> {n}':<14} SGAT adds {added / times['plain'] * 100:.1f}% to the plain W8A8 linear")
+        print(f"{f'{k} -> {n}':<14} SGAT adds {added / times['plain'] * 100:.1f}% to the plain W8A8 linear; "
+              f"SGAT W8A8 linear {times['bf16 linear'] / (times['plain'] + added):.2f}x the bf16 linear's speed")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,23 @@ def test_cpu_kernel_splits_rows_over_torchs_threads_with_the_same_result():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_add_state_rows_equals_torchs_add_bit_for_bit(dtype):
+    """SGAT's compensation add, in place through the C kernel (bf16, float32; float16 and
+    non-contiguous outputs take torch's code): the same bits as `output + table[states]`,
+    infinities and NaN included."""
+    g = torch.Generator().manual_seed(3)
+    output = (torch.randn(33, 200, generator=g) * 100).to(dtype)
+    output[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")]).to(dtype)
+    table, states = (torch.randn(2, 200, generator=g) * 100).to(dtype), (torch.rand(33, generator=g) < 0.5).long()
+    expected = output + table[states]
+    for target in (output.clone(), output.t().contiguous().t()):
+        torch.ops.starquant.add_state_rows(target, table, states)
+        assert torch.equal(target.isnan(), expected.isnan())
+        assert torch.equal(target[~target.isnan()], expected[~expected.isnan()])
+    torch.library.opcheck(torch.ops.starquant.add_state_rows.default, (output.clone(), table, states))
+
+
 def test_cpu_kernel_refuses_a_rotation_block_that_does_not_divide_the_width():
     x, states, shift, clip = _inputs(width=48)
     with pytest.raises(ValueError, match="rotation block 32 is not a power of two dividing the input width 48"):

@@ -317,8 +317,8 @@ class StarQuantLinearMethod(LinearMethodBase):
                         output = _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
                     else:
                         output = _onednn_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype)
-                    if self.add_compensation:
-                        output = output + layer.sgat_compensation[context.states]
+                    if self.add_compensation:  # our GEMM's fresh output: added in place
+                        torch.ops.starquant.add_state_rows(output, layer.sgat_compensation, context.states)
                     return output
                 x = (codes.float() * scales).to(x.dtype)
             else:

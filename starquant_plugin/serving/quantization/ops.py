@@ -7,9 +7,11 @@ compilation can trace them (fake implementations give shapes and dtypes).
   (`sgat_transform_input`, `quantize_per_token`).
 - `tac(x, buckets, matrices, offsets) -> x`: the block-diagonal affine map of TAC per
   token's mask-ratio bucket (core `apply_tac`).
+- `add_state_rows(output, table, states)`: `output += table[states]` in place, SGAT's per-state
+  output compensation.
 
-On CPU `sgat_quantize` runs the C kernel built with the package (`csrc/sgat_cpu.c`: one
-vectorized pass per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
+On CPU `sgat_quantize` and `add_state_rows` run the C kernels built with the package
+(`csrc/sgat_cpu.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
 kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
 device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
 runs the core's torch code. The kernels sum each rotation in another order than the core's
@@ -24,12 +26,12 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "sgat_quantize", "sgat_quantize_torch", "tac"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_torch", "tac"]
 
 
 class SlowCPUKernelWarning(UserWarning):
-    """The C kernel of `sgat_quantize` is not built (no C compiler at install): on CPU the op runs
-    its torch implementation, several times slower. `make setup` (or `pip install -e .` with a C
+    """The C kernels of `sgat_quantize` and `add_state_rows` are not built (no C compiler at
+    install): on CPU the ops run their torch code, several times slower. `make setup` (or `pip install -e .` with a C
     compiler) builds it."""
 
 
@@ -109,6 +111,32 @@ def sgat_quantize_cpu(
     return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
 
 
+@torch.library.custom_op("starquant::add_state_rows", mutates_args=("output",))
+def add_state_rows(output: torch.Tensor, table: torch.Tensor, states: torch.Tensor) -> None:
+    """output += table[states], in place (SGAT's per-state compensation: table [2, out], states
+    [tokens] with output [tokens, out])."""
+    output.add_(table[states.long()])
+
+
+@add_state_rows.register_fake
+def _(output, table, states):
+    return None
+
+
+def add_state_rows_cpu(output: torch.Tensor, table: torch.Tensor, states: torch.Tensor) -> None:
+    """The C kernel of `starquant::add_state_rows` (contiguous bf16 or float32 output: the same
+    values as torch's, rounded as torch rounds); anything else takes the torch code."""
+    from . import _sgat_cpu
+
+    if not (output.is_contiguous() and table.dtype == output.dtype and output.dtype in (torch.bfloat16, torch.float32)):
+        output.add_(table[states.long()])
+        return
+    table, states = table.contiguous(), states.reshape(-1).long().contiguous()
+    width = output.shape[-1]
+    _sgat_cpu.add_state_rows(output.data_ptr(), int(output.dtype == torch.bfloat16), table.data_ptr(), states.data_ptr(),
+                             output.numel() // width, width, torch.get_num_threads())
+
+
 def _register_cpu_kernel() -> bool:
     try:
         from . import _sgat_cpu  # noqa: F401
@@ -116,6 +144,7 @@ def _register_cpu_kernel() -> bool:
         warnings.warn(SlowCPUKernelWarning(SlowCPUKernelWarning.__doc__.replace("\n    ", " ")), stacklevel=2)
         return False
     sgat_quantize.register_kernel("cpu")(sgat_quantize_cpu)
+    add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
     return True
 
 

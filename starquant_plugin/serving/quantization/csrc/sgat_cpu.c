@@ -2,13 +2,13 @@
  * `starquant_plugin.serving.quantization._sgat_cpu` (setup.py; optional: without a C compiler
  * the op falls back to its torch implementation with a named warning).
  *
- * Per token row, in float32: subtract the token state's shift, rotate each rotation block by
+ * `quantize`, per token row, in float32: subtract the token state's shift, rotate each rotation block by
  * the orthonormal Hadamard (fast Walsh-Hadamard butterflies, stages of half-width 1, 2, 4, ...,
  * then times 1/sqrt(block): the same operations in the same order as the Triton kernel), take
  * the row absmax, scale = max(absmax * clip[state], 1e-8) / qmax, codes = round-half-even(v *
  * (1 / scale)) clamped to [-qmax, qmax]. Rows are split over `threads` POSIX threads; the GIL is
  * released while they run. Tensors arrive as addresses of contiguous buffers (checked by the
- * Python caller). Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
+ * Python caller). `add_state_rows` adds SGAT's per-state output compensation in place. Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
  * baseline and picked at load time (target_clones).
  */
 #define PY_SSIZE_T_CLEAN
@@ -35,10 +35,17 @@ typedef struct {
     const float *clip;  /* [2] */
     int8_t *codes;
     float *scales;
-    int64_t width, block, row_begin, row_end;
+    int64_t width, block;
     float qmax;
-    int failed;
-} Job;
+} QuantizeTask;
+
+typedef struct {
+    void *out; /* [rows, width], dtype */
+    int dtype;
+    const void *table; /* [2, width], dtype */
+    const int64_t *states;
+    int64_t width;
+} AddRowsTask;
 
 MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t width, const float *shift, float *v) {
     if (dtype == DTYPE_BFLOAT16) {
@@ -192,68 +199,129 @@ MULTIVERSION static void store_codes(const float *v, int64_t width, float scale,
     }
 }
 
-static void *run_rows(void *arg) {
-    Job *job = (Job *)arg;
-    float *v = aligned_alloc(64, sizeof(float) * (size_t)((job->width + 15) / 16 * 16));
-    if (!v) {
-        job->failed = 1;
-        return NULL;
+/* A share of rows: returns nonzero when it could not run (out of memory). */
+typedef int (*RowsBody)(const void *task, int64_t begin, int64_t end);
+
+typedef struct {
+    RowsBody body;
+    const void *task;
+    int64_t begin, end;
+    int failed;
+} Share;
+
+static void *run_share(void *arg) {
+    Share *share = (Share *)arg;
+    share->failed = share->body(share->task, share->begin, share->end);
+    return NULL;
+}
+
+/* Rows [0, rows) in `threads` contiguous shares, the calling thread taking the first; called
+ * without the GIL. Returns nonzero when memory ran out. */
+static int parallel_rows(RowsBody body, const void *task, int64_t rows, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    Share *shares = calloc((size_t)threads, sizeof(Share));
+    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
+    int *started = calloc((size_t)threads, sizeof(int));
+    int failed = !shares || !ids || !started;
+    if (!failed) {
+        for (int t = 0; t < threads; t++) {
+            shares[t] = (Share){body, task, rows * t / threads, rows * (t + 1) / threads, 0};
+            started[t] = t > 0 && pthread_create(&ids[t], NULL, run_share, &shares[t]) == 0;
+        }
+        for (int t = 0; t < threads; t++)
+            if (t == 0 || !started[t]) run_share(&shares[t]);
+        for (int t = 1; t < threads; t++)
+            if (started[t]) pthread_join(ids[t], NULL);
+        for (int t = 0; t < threads; t++) failed |= shares[t].failed;
     }
-    for (int64_t row = job->row_begin; row < job->row_end; row++) {
-        int64_t state = job->states[row] ? 1 : 0;
-        const float *shift = job->shift + state * job->width;
+    free(shares), free(ids), free(started);
+    return failed;
+}
+
+static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
+    const QuantizeTask *task = (const QuantizeTask *)arg;
+    float *v = aligned_alloc(64, sizeof(float) * (size_t)((task->width + 15) / 16 * 16));
+    if (!v) return 1;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t state = task->states[row] ? 1 : 0;
+        const float *shift = task->shift + state * task->width;
         float absmax = 0.0f;
-        if (job->width % 16 == 0 && ((job->block >= 16 && job->block <= 1024) || !job->block)) {
+        if (task->width % 16 == 0 && ((task->block >= 16 && task->block <= 1024) || !task->block)) {
             v16f lanes;
-            load_rotate_row(job->x, job->dtype, row, job->width, job->block, shift, (v16f *)v, &lanes);
+            load_rotate_row(task->x, task->dtype, row, task->width, task->block, shift, (v16f *)v, &lanes);
             for (int l = 0; l < 16; l++) absmax = lanes[l] > absmax ? lanes[l] : absmax;
         } else {
-            load_row(job->x, job->dtype, row, job->width, shift, v);
-            if (job->block) hadamard_blocks(v, job->width, job->block);
-            for (int64_t c = 0; c < job->width; c++) absmax = fabsf(v[c]) > absmax ? fabsf(v[c]) : absmax;
+            load_row(task->x, task->dtype, row, task->width, shift, v);
+            if (task->block) hadamard_blocks(v, task->width, task->block);
+            for (int64_t c = 0; c < task->width; c++) absmax = fabsf(v[c]) > absmax ? fabsf(v[c]) : absmax;
         }
-        float bound = absmax * job->clip[state];
-        float scale = (bound > 1e-8f ? bound : 1e-8f) / job->qmax;
-        job->scales[row] = scale;
-        store_codes(v, job->width, scale, job->qmax, job->codes + row * job->width);
+        float bound = absmax * task->clip[state];
+        float scale = (bound > 1e-8f ? bound : 1e-8f) / task->qmax;
+        task->scales[row] = scale;
+        store_codes(v, task->width, scale, task->qmax, task->codes + row * task->width);
     }
     free(v);
-    return NULL;
+    return 0;
+}
+
+/* bf16 + bf16 as torch adds them: in float32, rounded to the nearest even bf16 (NaN: 0x7fc0). */
+MULTIVERSION static void add_row_bf16(uint16_t *out, const uint16_t *add, int64_t width) {
+    for (int64_t c = 0; c < width; c++) {
+        uint32_t a = (uint32_t)out[c] << 16, b = (uint32_t)add[c] << 16, bits;
+        float x, y;
+        memcpy(&x, &a, sizeof x);
+        memcpy(&y, &b, sizeof y);
+        float sum = x + y;
+        memcpy(&bits, &sum, sizeof bits);
+        out[c] = sum != sum ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    }
+}
+
+MULTIVERSION static void add_row_float(float *out, const float *add, int64_t width) {
+    for (int64_t c = 0; c < width; c++) out[c] += add[c];
+}
+
+static int add_rows(const void *arg, int64_t begin, int64_t end) {
+    const AddRowsTask *task = (const AddRowsTask *)arg;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t state = task->states[row] ? 1 : 0;
+        if (task->dtype == DTYPE_BFLOAT16)
+            add_row_bf16((uint16_t *)task->out + row * task->width, (const uint16_t *)task->table + state * task->width,
+                         task->width);
+        else
+            add_row_float((float *)task->out + row * task->width, (const float *)task->table + state * task->width,
+                          task->width);
+    }
+    return 0;
 }
 
 static PyObject *quantize(PyObject *self, PyObject *args) {
     unsigned long long x, states, shift, clip, codes, scales;
-    int dtype, threads;
+    int dtype, threads, failed;
     long long tokens, width, block;
     float qmax;
     if (!PyArg_ParseTuple(args, "KiKKKKKLLLfi", &x, &dtype, &states, &shift, &clip, &codes, &scales, &tokens, &width,
                           &block, &qmax, &threads))
         return NULL;
-    if (threads < 1) threads = 1;
-    if (threads > tokens) threads = tokens > 0 ? (int)tokens : 1;
-    Job *jobs = calloc((size_t)threads, sizeof(Job));
-    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
-    int *started = calloc((size_t)threads, sizeof(int));
-    if (!jobs || !ids || !started) {
-        free(jobs), free(ids), free(started);
-        return PyErr_NoMemory();
-    }
-    int failed = 0;
+    QuantizeTask task = {(const void *)x, dtype, (const int64_t *)states, (const float *)shift, (const float *)clip,
+                         (int8_t *)codes, (float *)scales, width, block, qmax};
     Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = (Job){(const void *)x, dtype, (const int64_t *)states, (const float *)shift, (const float *)clip,
-                        (int8_t *)codes, (float *)scales, width, block, tokens * t / threads,
-                        tokens * (t + 1) / threads, qmax, 0};
-        /* the calling thread takes the first share */
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_rows, &jobs[t]) == 0;
-    }
-    for (int t = 0; t < threads; t++)
-        if (t == 0 || !started[t]) run_rows(&jobs[t]);
-    for (int t = 1; t < threads; t++)
-        if (started[t]) pthread_join(ids[t], NULL);
-    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
+    failed = parallel_rows(quantize_rows, &task, tokens, threads);
     Py_END_ALLOW_THREADS
-    free(jobs), free(ids), free(started);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *add_state_rows(PyObject *self, PyObject *args) {
+    unsigned long long out, table, states;
+    int dtype, threads, failed;
+    long long rows, width;
+    if (!PyArg_ParseTuple(args, "KiKKLLi", &out, &dtype, &table, &states, &rows, &width, &threads)) return NULL;
+    AddRowsTask task = {(void *)out, dtype, (const void *)table, (const int64_t *)states, width};
+    Py_BEGIN_ALLOW_THREADS
+    failed = parallel_rows(add_rows, &task, rows, threads);
+    Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -262,6 +330,9 @@ static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
      "quantize(x, dtype, states, shift, clip, codes, scales, tokens, width, block, qmax, threads): addresses "
      "of contiguous buffers; writes codes int8 [tokens, width] and scales float32 [tokens]."},
+    {"add_state_rows", add_state_rows, METH_VARARGS,
+     "add_state_rows(out, dtype, table, states, rows, width, threads): out[r] += table[states[r] != 0], in place "
+     "(float32, or bf16 rounded as torch rounds)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
