@@ -8,7 +8,8 @@ activations, half the tokens masked:
 - `plain`: vLLM's W8A8 CPU path (its fused dynamic int8 quantize + the oneDNN int8 GEMM);
 - `sgat_quantize`: the `starquant` op (shift by state, block-Hadamard 128, clipped per-token
   int8: the C kernel, `ops.CPU_KERNEL`), which feeds the same GEMM its codes; `sgat torch code`:
-  the same op in the core's torch code (its fallback); `compensation`: the per-state output add;
+  the same op in the core's torch code (its fallback); `compensation`: the per-state output add
+  (`starquant::add_state_rows`, in place);
 - `rotation bf16` / `rotation fp32`: the block-Hadamard matmul alone in each dtype (why the op
   computes in float32 on CPU).
 Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share of the GEMM.
@@ -63,7 +64,7 @@ def main() -> None:
             "gemm": lambda: gemm(codes, scales),
             "sgat_quantize": lambda: torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8),
             "sgat torch code": lambda: ops.sgat_quantize_torch(x, states, shift, clip, 128, 8),
-            "compensation": lambda: output + compensation[states],
+            "compensation": lambda: torch.ops.starquant.add_state_rows(output, compensation, states),
             "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
             "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
         }
