@@ -64,7 +64,7 @@ def main() -> None:
             "gemm": lambda: gemm(codes, scales),
             "sgat_quantize": lambda: torch.ops.starquant.sgat_quantize(x, states, shift, clip, 128, 8),
             "sgat torch code": lambda: ops.sgat_quantize_torch(x, states, shift, clip, 128, 8),
-            "compensation": lambda: torch.ops.starquant.add_state_rows(output, compensation, states),
+            "compensation": lambda: torch.ops.starquant.add_state_rows(output, None, compensation, states),
             "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
             "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
         }

@@ -92,10 +92,34 @@ def test_add_state_rows_equals_torchs_add_bit_for_bit(dtype):
     table, states = (torch.randn(2, 200, generator=g) * 100).to(dtype), (torch.rand(33, generator=g) < 0.5).long()
     expected = output + table[states]
     for target in (output.clone(), output.t().contiguous().t()):
-        torch.ops.starquant.add_state_rows(target, table, states)
+        torch.ops.starquant.add_state_rows(target, None, table, states)
         assert torch.equal(target.isnan(), expected.isnan())
         assert torch.equal(target[~target.isnan()], expected[~expected.isnan()])
-    torch.library.opcheck(torch.ops.starquant.add_state_rows.default, (output.clone(), table, states))
+    torch.library.opcheck(torch.ops.starquant.add_state_rows.default, (output.clone(), None, table, states))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_table", [True, False])
+def test_add_state_rows_scales_rows_then_adds_rounding_once(dtype, with_table):
+    """Per-token scales (the AMX int8 path's epilogue), with and without the compensation: within
+    one rounding of the float64 result, on a contiguous output (the C kernel) and a strided one
+    (torch's code, which rounds after each term)."""
+    g = torch.Generator().manual_seed(4)
+    output = (torch.randn(21, 96, generator=g) * 50).to(dtype)
+    scales = torch.rand(21, 1, generator=g) + 0.01
+    table = (torch.randn(2, 96, generator=g) * 50).to(dtype) if with_table else None
+    states = (torch.rand(21, generator=g) < 0.5).long() if with_table else None
+    scaled = output.double() * scales.double()
+    added = table.double()[states] if with_table else torch.zeros_like(scaled)
+    exact, eps = scaled + added, torch.finfo(dtype).eps
+    # The C kernel rounds to the output dtype once (its float32 product adds 2^-24 of it); torch's
+    # code rounds the product to the output dtype too.
+    for target, bound in ((output.clone(), eps / 2 * exact.abs() + 2.0**-24 * scaled.abs()),
+                          (output.t().contiguous().t(), eps / 2 * (exact.abs() + scaled.abs()))):
+        torch.ops.starquant.add_state_rows(target, scales, table, states)
+        assert target.dtype == dtype
+        assert ((target.double() - exact).abs() <= bound * (1 + 1e-6)).all()
+    torch.library.opcheck(torch.ops.starquant.add_state_rows.default, (output.clone(), scales, table, states))
 
 
 def test_cpu_kernel_refuses_a_rotation_block_that_does_not_divide_the_width():

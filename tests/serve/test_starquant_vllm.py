@@ -59,10 +59,11 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).abs().mean() / expected.abs().mean())
 
 
-def served(directory: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, tensors: list[str] = ()):
+def served(directory: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, tensors: list[str] = (),
+           **engine):
     """vLLM's model info, logits at the real positions, every block's output and `tensors`."""
     real = attention_mask.bool()
-    with DiffusionLLM(directory) as llm:
+    with DiffusionLLM(directory, **engine) as llm:
         info = llm.model_info()
         logits = llm.logits(input_ids.tolist(), attention_mask.tolist())[real]
         block_outputs = llm.block_outputs(input_ids.tolist(), attention_mask.tolist())
@@ -194,6 +195,20 @@ def test_gqa_starquant_w4a4_checkpoint_with_tensor_parallelism(tmp_path):
     assert relative_error(logits[1], without_smoothing) > 2 * error  # vLLM applies the online smoothing
     # TP=2 quantizes each rank's half of a row-parallel input per token: close, not identical.
     assert relative_error(logits[2], logits[1]) < 0.08
+
+
+def test_starquant_w8a8_served_in_bf16_takes_the_codes_into_the_int8_gemm(shipped_checkpoints):
+    """bf16 serving: on AMX CPUs vLLM's int8 kernel is its AMX GEMM, which quantizes its own input;
+    SGAT's codes go in as bf16 integers (re-quantized exactly, scale 1) and the per-token scales
+    and compensation are applied to its output (oneDNN elsewhere). Every block linear takes that
+    path, and the logits stay within bf16's distance of the float32 core fake-quant."""
+    directory = shipped_checkpoints["w8a8"]
+    model, tokenizer = load_checkpoint(directory)
+    input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
+    info, got, block_outputs, _ = served(directory, input_ids, attention_mask, dtype="bfloat16")
+    assert info["dtype"] == "torch.bfloat16"
+    assert len(info["codes_gemm"]) == 4 * model.config.n_layers
+    assert_matches_the_core(model, input_ids, attention_mask, got, block_outputs, 0.06)
 
 
 @pytest.mark.parametrize("bits, tolerance", [("w4a8", 0.02), ("w4a4", 0.08)])

@@ -20,7 +20,9 @@ The scheme's kernel re-quantizes its input per token with absmax / qmax; on the 
 `codes * scales` that gives back exactly `codes` and `scales` (the clipped row maximum sits
 on the largest code), so the per-state clip reaches the integer GEMM unchanged. Where the
 kernel is vLLM's oneDNN int8 GEMM (CPU, W8A8) the codes and scales are handed to it
-directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`).
+directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`); its AMX
+int8 GEMM (bf16/fp16 models on AMX CPUs) takes the codes as 16-bit integers and re-quantizes
+them exactly, the per-token scales applied to its output.
 
 W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torch's reference
 `_dyn_quant_matmul_4bit`, which keeps 2 bytes per weight and runs at under 1 GFLOP/s. The
@@ -291,7 +293,7 @@ class StarQuantLinearMethod(LinearMethodBase):
         if self.int4_group is None:
             self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
-        self.int8_codes_gemm = _onednn_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
+        self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
         # sgat_quantize keeps the shift and clip in float32 (it computes in float32), and so does
         # TAC on CPU: its per-head matmuls in bf16 cost ~20x float32 there (no bf16 units).
@@ -313,13 +315,14 @@ class StarQuantLinearMethod(LinearMethodBase):
                     x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
                 )
                 if self.int8_codes_gemm is not None or self.int4_group is not None:
+                    compensation = layer.sgat_compensation if self.add_compensation else None
                     if self.int4_group is not None:
                         output = _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
-                    else:
-                        output = _onednn_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype)
-                    if self.add_compensation:  # our GEMM's fresh output: added in place
-                        torch.ops.starquant.add_state_rows(output, layer.sgat_compensation, context.states)
-                    return output
+                        if compensation is not None:  # our GEMM's fresh output: added in place
+                            torch.ops.starquant.add_state_rows(output, None, compensation, context.states)
+                        return output
+                    return _int8_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype, compensation,
+                                            context.states)
                 x = (codes.float() * scales).to(x.dtype)
             else:
                 site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
@@ -333,26 +336,49 @@ class StarQuantLinearMethod(LinearMethodBase):
         return output
 
 
-def _onednn_int8_kernel(layer):
-    """vLLM's CPU oneDNN int8 kernel of a W8A8 layer with dynamic symmetric inputs, if that is its kernel."""
+def _codes_int8_kernel(layer):
+    """vLLM's CPU int8 kernel of a W8A8 layer with dynamic symmetric inputs that can take SGAT's
+    codes: its oneDNN GEMM (codes and scales as they are), or its AMX GEMM where every state's
+    clip is at most 1 (see `_int8_codes_gemm`); None elsewhere (GPU, other kernels)."""
     kernel = getattr(getattr(layer, "scheme", None), "kernel", None)
     if type(kernel).__name__ != "CPUInt8ScaledMMLinearKernel" or not kernel.config.input_symmetric:
         return None
-    if getattr(kernel, "linear_method", None) != getattr(kernel, "_apply_weights_onednn", None):
-        return None
-    return kernel
+    method = getattr(kernel, "linear_method", None)
+    if method == getattr(kernel, "_apply_weights_onednn", None):
+        return kernel
+    if method == getattr(kernel, "_apply_weights_sgl", None) and bool((layer.sgat_clip <= 1).all()):
+        return kernel
+    return None
 
 
-def _onednn_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor, bias, dtype) -> torch.Tensor:
-    """The kernel's GEMM on int8 codes [..., k] with per-token scales [..., 1] (its own quantize step skipped)."""
+def _int8_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
+                     compensation: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
+    """The kernel's GEMM on int8 codes [..., k] with per-token scales [..., 1], plus SGAT's
+    per-state `compensation` [2, n] (None: not on this rank) added in place.
+
+    oneDNN: codes and scales straight in (its quantize step skipped). AMX (`int8_scaled_mm_with_quant`,
+    which quantizes its bf16/fp16 input per token itself): the codes go in as 16-bit integers; with
+    clips <= 1 every row's largest code is +-127 (or the row is all zero), so its quantizer
+    recovers them exactly with scale 1, and the per-token scales multiply its 16-bit output (one
+    more rounding than a fused epilogue)."""
     from vllm import _custom_ops as vllm_ops
 
     shape = codes.shape
     codes = codes.reshape(-1, shape[-1]).contiguous()
+    if getattr(kernel, "linear_method", None) == getattr(kernel, "_apply_weights_sgl", None):
+        weight, weight_scale, *_ = kernel._get_layer_params(layer)
+        output = torch.ops._C.int8_scaled_mm_with_quant(codes.to(dtype), weight, weight_scale, None, dtype, True)
+        # One pass: the per-token scales, then the compensation.
+        torch.ops.starquant.add_state_rows(output, scales, compensation, states if compensation is not None else None)
+        if bias is not None:
+            output += bias
+        return output.reshape(*shape[:-1], output.shape[-1])
     *_, azp_adj = kernel._get_layer_params(layer)
     output = torch.empty((codes.shape[0], kernel.dnnl_handler.n), dtype=dtype, device=codes.device)
     vllm_ops.onednn_scaled_mm(kernel.dnnl_handler, codes, output, scales.reshape(-1, 1).float().contiguous(),
                               None, azp_adj, bias)
+    if compensation is not None:
+        torch.ops.starquant.add_state_rows(output, None, compensation, states)
     return output.reshape(*shape[:-1], kernel.dnnl_handler.n)
 
 

@@ -7,8 +7,9 @@ compilation can trace them (fake implementations give shapes and dtypes).
   (`sgat_transform_input`, `quantize_per_token`).
 - `tac(x, buckets, matrices, offsets) -> x`: the block-diagonal affine map of TAC per
   token's mask-ratio bucket (core `apply_tac`).
-- `add_state_rows(output, table, states)`: `output += table[states]` in place, SGAT's per-state
-  output compensation.
+- `add_state_rows(output, row_scales, table, states)`: `output = output * row_scales +
+  table[states]` in place (either term None): per-token scales of a GEMM's output, SGAT's
+  per-state compensation.
 
 On CPU `sgat_quantize` and `add_state_rows` run the C kernels built with the package
 (`csrc/sgat_cpu.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
@@ -112,28 +113,44 @@ def sgat_quantize_cpu(
 
 
 @torch.library.custom_op("starquant::add_state_rows", mutates_args=("output",))
-def add_state_rows(output: torch.Tensor, table: torch.Tensor, states: torch.Tensor) -> None:
-    """output += table[states], in place (SGAT's per-state compensation: table [2, out], states
-    [tokens] with output [tokens, out])."""
-    output.add_(table[states.long()])
+def add_state_rows(output: torch.Tensor, row_scales: torch.Tensor | None, table: torch.Tensor | None,
+                   states: torch.Tensor | None) -> None:
+    """output = output * row_scales + table[states], in place: a GEMM's rows scaled per token
+    (row_scales [tokens] or [tokens, 1]), then SGAT's per-state compensation (table [2, out],
+    states [tokens], output [tokens, out]); either term may be None."""
+    _add_state_rows_torch(output, row_scales, table, states)
+
+
+def _add_state_rows_torch(output, row_scales, table, states) -> None:
+    if row_scales is not None:
+        output.mul_(row_scales.reshape(-1, 1))
+    if table is not None:
+        output.add_(table[states.long()])
 
 
 @add_state_rows.register_fake
-def _(output, table, states):
+def _(output, row_scales, table, states):
     return None
 
 
-def add_state_rows_cpu(output: torch.Tensor, table: torch.Tensor, states: torch.Tensor) -> None:
-    """The C kernel of `starquant::add_state_rows` (contiguous bf16 or float32 output: the same
-    values as torch's, rounded as torch rounds); anything else takes the torch code."""
+def add_state_rows_cpu(output: torch.Tensor, row_scales: torch.Tensor | None, table: torch.Tensor | None,
+                       states: torch.Tensor | None) -> None:
+    """The C kernel of `starquant::add_state_rows` for contiguous bf16 or float32 outputs: each
+    element computed in float32 and rounded once (torch's code rounds after the scaling and again
+    after the add; without scales the two agree bit for bit). Anything else takes the torch code."""
     from . import _sgat_cpu
 
-    if not (output.is_contiguous() and table.dtype == output.dtype and output.dtype in (torch.bfloat16, torch.float32)):
-        output.add_(table[states.long()])
+    if not (output.is_contiguous() and output.dtype in (torch.bfloat16, torch.float32)
+            and (table is None or table.dtype == output.dtype)):
+        _add_state_rows_torch(output, row_scales, table, states)
         return
-    table, states = table.contiguous(), states.reshape(-1).long().contiguous()
+    table = table.contiguous() if table is not None else None
+    states = states.reshape(-1).long().contiguous() if table is not None else None
+    row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
     width = output.shape[-1]
-    _sgat_cpu.add_state_rows(output.data_ptr(), int(output.dtype == torch.bfloat16), table.data_ptr(), states.data_ptr(),
+    _sgat_cpu.add_state_rows(output.data_ptr(), int(output.dtype == torch.bfloat16),
+                             row_scales.data_ptr() if row_scales is not None else 0,
+                             table.data_ptr() if table is not None else 0, states.data_ptr() if table is not None else 0,
                              output.numel() // width, width, torch.get_num_threads())
 
 

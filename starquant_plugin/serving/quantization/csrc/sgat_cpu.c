@@ -8,7 +8,8 @@
  * the row absmax, scale = max(absmax * clip[state], 1e-8) / qmax, codes = round-half-even(v *
  * (1 / scale)) clamped to [-qmax, qmax]. Rows are split over `threads` POSIX threads; the GIL is
  * released while they run. Tensors arrive as addresses of contiguous buffers (checked by the
- * Python caller). `add_state_rows` adds SGAT's per-state output compensation in place. Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
+ * Python caller). `add_state_rows` scales a GEMM's output rows and adds SGAT's per-state
+ * compensation, in place. Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
  * baseline and picked at load time (target_clones).
  */
 #define PY_SSIZE_T_CLEAN
@@ -42,7 +43,8 @@ typedef struct {
 typedef struct {
     void *out; /* [rows, width], dtype */
     int dtype;
-    const void *table; /* [2, width], dtype */
+    const float *scales; /* [rows] or NULL */
+    const void *table;   /* [2, width], dtype, or NULL */
     const int64_t *states;
     int64_t width;
 } AddRowsTask;
@@ -265,33 +267,51 @@ static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
     return 0;
 }
 
-/* bf16 + bf16 as torch adds them: in float32, rounded to the nearest even bf16 (NaN: 0x7fc0). */
-MULTIVERSION static void add_row_bf16(uint16_t *out, const uint16_t *add, int64_t width) {
-    for (int64_t c = 0; c < width; c++) {
-        uint32_t a = (uint32_t)out[c] << 16, b = (uint32_t)add[c] << 16, bits;
-        float x, y;
-        memcpy(&x, &a, sizeof x);
-        memcpy(&y, &b, sizeof y);
-        float sum = x + y;
-        memcpy(&bits, &sum, sizeof bits);
-        out[c] = sum != sum ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    }
+static inline __attribute__((always_inline)) float bf16_to_float(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
 }
 
-MULTIVERSION static void add_row_float(float *out, const float *add, int64_t width) {
-    for (int64_t c = 0; c < width; c++) out[c] += add[c];
+/* Rounded to the nearest even bf16 as torch rounds (NaN: 0x7fc0). */
+static inline __attribute__((always_inline)) uint16_t float_to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return x != x ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+/* out = out * scale + add (add may be NULL), in float32, rounded once. */
+MULTIVERSION static void scale_add_row_bf16(uint16_t *out, float scale, const uint16_t *add, int64_t width) {
+    if (add && scale == 1.0f)
+        for (int64_t c = 0; c < width; c++) out[c] = float_to_bf16(bf16_to_float(out[c]) + bf16_to_float(add[c]));
+    else if (add)
+        for (int64_t c = 0; c < width; c++)
+            out[c] = float_to_bf16(bf16_to_float(out[c]) * scale + bf16_to_float(add[c]));
+    else
+        for (int64_t c = 0; c < width; c++) out[c] = float_to_bf16(bf16_to_float(out[c]) * scale);
+}
+
+MULTIVERSION static void scale_add_row_float(float *out, float scale, const float *add, int64_t width) {
+    if (add && scale == 1.0f)
+        for (int64_t c = 0; c < width; c++) out[c] += add[c];
+    else if (add)
+        for (int64_t c = 0; c < width; c++) out[c] = out[c] * scale + add[c];
+    else
+        for (int64_t c = 0; c < width; c++) out[c] *= scale;
 }
 
 static int add_rows(const void *arg, int64_t begin, int64_t end) {
     const AddRowsTask *task = (const AddRowsTask *)arg;
+    const int64_t size = task->dtype == DTYPE_BFLOAT16 ? 2 : 4;
     for (int64_t row = begin; row < end; row++) {
-        int64_t state = task->states[row] ? 1 : 0;
+        const float scale = task->scales ? task->scales[row] : 1.0f;
+        const char *add = task->table ? (const char *)task->table + (task->states[row] ? 1 : 0) * task->width * size : NULL;
+        char *out = (char *)task->out + row * task->width * size;
         if (task->dtype == DTYPE_BFLOAT16)
-            add_row_bf16((uint16_t *)task->out + row * task->width, (const uint16_t *)task->table + state * task->width,
-                         task->width);
+            scale_add_row_bf16((uint16_t *)out, scale, (const uint16_t *)add, task->width);
         else
-            add_row_float((float *)task->out + row * task->width, (const float *)task->table + state * task->width,
-                          task->width);
+            scale_add_row_float((float *)out, scale, (const float *)add, task->width);
     }
     return 0;
 }
@@ -314,11 +334,12 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
 }
 
 static PyObject *add_state_rows(PyObject *self, PyObject *args) {
-    unsigned long long out, table, states;
+    unsigned long long out, scales, table, states;
     int dtype, threads, failed;
     long long rows, width;
-    if (!PyArg_ParseTuple(args, "KiKKLLi", &out, &dtype, &table, &states, &rows, &width, &threads)) return NULL;
-    AddRowsTask task = {(void *)out, dtype, (const void *)table, (const int64_t *)states, width};
+    if (!PyArg_ParseTuple(args, "KiKKKLLi", &out, &dtype, &scales, &table, &states, &rows, &width, &threads))
+        return NULL;
+    AddRowsTask task = {(void *)out, dtype, (const float *)scales, (const void *)table, (const int64_t *)states, width};
     Py_BEGIN_ALLOW_THREADS
     failed = parallel_rows(add_rows, &task, rows, threads);
     Py_END_ALLOW_THREADS
@@ -331,8 +352,8 @@ static PyMethodDef methods[] = {
      "quantize(x, dtype, states, shift, clip, codes, scales, tokens, width, block, qmax, threads): addresses "
      "of contiguous buffers; writes codes int8 [tokens, width] and scales float32 [tokens]."},
     {"add_state_rows", add_state_rows, METH_VARARGS,
-     "add_state_rows(out, dtype, table, states, rows, width, threads): out[r] += table[states[r] != 0], in place "
-     "(float32, or bf16 rounded as torch rounds)."},
+     "add_state_rows(out, dtype, scales, table, states, rows, width, threads): out[r] = out[r] * scales[r] + "
+     "table[states[r] != 0] in place (scales, table: 0 for none), in float32, rounded once to bf16 as torch rounds."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
