@@ -49,15 +49,29 @@ typedef struct {
     int64_t width;
 } AddRowsTask;
 
+/* The bits of `value` as type T (GNU statement expression). */
+#define BITCAST(T, value)                  \
+    ({                                     \
+        __typeof__(value) from_ = (value); \
+        T to_;                             \
+        memcpy(&to_, &from_, sizeof to_);  \
+        to_;                               \
+    })
+
+static inline __attribute__((always_inline)) float bf16_to_float(uint16_t value) {
+    return BITCAST(float, (uint32_t)value << 16);
+}
+
+/* Rounded to the nearest even bf16 as torch rounds (NaN: 0x7fc0). */
+static inline __attribute__((always_inline)) uint16_t float_to_bf16(float x) {
+    uint32_t bits = BITCAST(uint32_t, x);
+    return x != x ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
 MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t width, const float *shift, float *v) {
     if (dtype == DTYPE_BFLOAT16) {
         const uint16_t *in = (const uint16_t *)x + row * width;
-        for (int64_t c = 0; c < width; c++) {
-            uint32_t bits = (uint32_t)in[c] << 16;
-            float value;
-            memcpy(&value, &bits, sizeof value);
-            v[c] = value - shift[c];
-        }
+        for (int64_t c = 0; c < width; c++) v[c] = bf16_to_float(in[c]) - shift[c];
     } else {
         const float *in = (const float *)x + row * width;
         for (int64_t c = 0; c < width; c++) v[c] = in[c] - shift[c];
@@ -96,17 +110,9 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 /* Non-negative floats order as their bit patterns: |x| and max compare as integers. */
-static inline __attribute__((always_inline)) v16i as_int(v16f x) {
-    v16i bits;
-    memcpy(&bits, &x, sizeof bits);
-    return bits;
-}
+static inline __attribute__((always_inline)) v16i as_int(v16f x) { return BITCAST(v16i, x); }
 
-static inline __attribute__((always_inline)) v16f as_float(v16i bits) {
-    v16f x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
+static inline __attribute__((always_inline)) v16f as_float(v16i bits) { return BITCAST(v16f, bits); }
 
 /* 16 inputs from column c, in float32, minus the shift. */
 static inline __attribute__((always_inline)) v16f load16(const void *x, int dtype, int64_t offset, const float *shift) {
@@ -114,8 +120,7 @@ static inline __attribute__((always_inline)) v16f load16(const void *x, int dtyp
     if (dtype == DTYPE_BFLOAT16) {
         v16h half;
         memcpy(&half, (const uint16_t *)x + offset, sizeof half);
-        v16i bits = __builtin_convertvector(half, v16i) << 16;
-        memcpy(&value, &bits, sizeof value);
+        value = as_float(__builtin_convertvector(half, v16i) << 16);
     } else {
         memcpy(&value, (const float *)x + offset, sizeof value);
     }
@@ -265,20 +270,6 @@ static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
     }
     free(v);
     return 0;
-}
-
-static inline __attribute__((always_inline)) float bf16_to_float(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
-/* Rounded to the nearest even bf16 as torch rounds (NaN: 0x7fc0). */
-static inline __attribute__((always_inline)) uint16_t float_to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    return x != x ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 /* out = out * scale + add (add may be NULL), in float32, rounded once. */
