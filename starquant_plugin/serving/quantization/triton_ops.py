@@ -2,7 +2,7 @@
 
 Same contract and maths as the torch implementation (the core's): tested against it on CPU
 with Triton's interpreter (`TRITON_INTERPRET=1`, fp32/fp16; the interpreter's bf16 is
-wrong), and on a GPU whenever the project gets one.
+wrong) and on an H200 in bf16 (`scripts/gpu_check.py`, docs/performance.md "GPU check").
 
 - `sgat_quantize_triton`: one program per (16 tokens, rotation block): subtract each token's
   state shift, rotate by the block's orthonormal Hadamard (fast Walsh-Hadamard butterflies in
