@@ -122,6 +122,19 @@ def test_add_state_rows_scales_rows_then_adds_rounding_once(dtype, with_table):
     torch.library.opcheck(torch.ops.starquant.add_state_rows.default, (output.clone(), scales, table, states))
 
 
+def test_cpu_kernels_refuse_mismatched_shapes_before_reading_memory():
+    x, states, shift, clip = _inputs(width=64)
+    with pytest.raises(ValueError, match=r"shift has shape/size \(2, 32\), expected \(2, 64\)"):
+        torch.ops.starquant.sgat_quantize(x, states, shift[:, :32], clip, 32, 8)
+    with pytest.raises(ValueError, match="states has shape/size 5, expected 12"):
+        torch.ops.starquant.sgat_quantize(x, states[:5], shift, clip, 32, 8)
+    output = torch.zeros(12, 64)
+    with pytest.raises(ValueError, match=r"table has shape/size \(2, 63\), expected \(2, 64\)"):
+        torch.ops.starquant.add_state_rows(output, None, torch.zeros(2, 63), states)
+    with pytest.raises(ValueError, match="row_scales has shape/size 11, expected 12"):
+        torch.ops.starquant.add_state_rows(output, torch.ones(11), None, None)
+
+
 def test_cpu_kernel_refuses_a_rotation_block_that_does_not_divide_the_width():
     x, states, shift, clip = _inputs(width=48)
     with pytest.raises(ValueError, match="rotation block 32 is not a power of two dividing the input width 48"):

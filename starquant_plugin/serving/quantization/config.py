@@ -34,6 +34,7 @@ row-parallel layers add it on rank 0 only (it is then all-reduced once, like a b
 quantize each rank's input slice per token, as vLLM's kernels do.
 """
 
+import warnings
 import weakref
 from typing import Any
 
@@ -294,6 +295,9 @@ class StarQuantLinearMethod(LinearMethodBase):
             self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
         self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
+        if (self.sgat and self.activation_bits is not None and self.int8_codes_gemm is None
+                and self.int4_group is None and self.params_dtype == torch.bfloat16):
+            _warn_inexact_codes_once(layer.prefix)
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
         # sgat_quantize keeps the shift and clip in float32 (it computes in float32), and so does
         # TAC on CPU: its per-head matmuls in bf16 cost ~20x float32 there (no bf16 units).
@@ -334,6 +338,24 @@ class StarQuantLinearMethod(LinearMethodBase):
         if self.sgat and self.add_compensation:
             output = output + layer.sgat_compensation[context.states]
         return output
+
+
+class InexactCodesWarning(UserWarning):
+    """SGAT's codes reach this layer's integer kernel as bf16 values `codes * scales`, which the
+    kernel re-quantizes: bf16's 8 significant bits move about 1.3% of the codes (those above ~64
+    in magnitude) by one step, so the served model is not exactly the checkpoint's quantized model.
+    Serving in float16 or float32 recovers every code exactly."""
+
+
+_warned_inexact_codes = False
+
+
+def _warn_inexact_codes_once(prefix: str) -> None:
+    global _warned_inexact_codes
+    if not _warned_inexact_codes:
+        _warned_inexact_codes = True
+        warnings.warn(InexactCodesWarning(f"{prefix} (and any like it): " + " ".join(InexactCodesWarning.__doc__.split())),
+                      stacklevel=2)
 
 
 def _codes_int8_kernel(layer):

@@ -32,8 +32,8 @@ __all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quan
 
 class SlowCPUKernelWarning(UserWarning):
     """The C kernels of `sgat_quantize` and `add_state_rows` are not built (no C compiler at
-    install): on CPU the ops run their torch code, several times slower. `make setup` (or `pip install -e .` with a C
-    compiler) builds it."""
+    install): on CPU the ops run their torch code, several times slower. `make setup` (or
+    `pip install -e .` with a C compiler) builds them."""
 
 
 @torch.library.custom_op("starquant::sgat_quantize", mutates_args=())
@@ -98,6 +98,10 @@ def sgat_quantize_cpu(
     if rotation_block and (rotation_block & (rotation_block - 1) or width % rotation_block):
         raise ValueError(f"rotation block {rotation_block} is not a power of two dividing the input width {width}")
     rows = x.reshape(-1, width)
+    # The C kernel reads raw buffers: shapes are checked here, never trusted.
+    _check_shape("states", states.numel(), rows.shape[0])
+    _check_shape("shift", tuple(shift.shape), (2, width))
+    _check_shape("clip", clip.numel(), 2)
     if rows.dtype not in (torch.bfloat16, torch.float32):
         rows = rows.float()
     rows = rows.contiguous()
@@ -144,21 +148,32 @@ def add_state_rows_cpu(output: torch.Tensor, row_scales: torch.Tensor | None, ta
             and (table is None or table.dtype == output.dtype)):
         _add_state_rows_torch(output, row_scales, table, states)
         return
+    width = output.shape[-1]
+    rows = output.numel() // width if width else 0
+    if row_scales is not None:
+        _check_shape("row_scales", row_scales.numel(), rows)
+    if table is not None:
+        _check_shape("table", tuple(table.shape), (2, width))
+        _check_shape("states", states.numel(), rows)
     table = table.contiguous() if table is not None else None
     states = states.reshape(-1).long().contiguous() if table is not None else None
     row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
-    width = output.shape[-1]
     _sgat_cpu.add_state_rows(output.data_ptr(), int(output.dtype == torch.bfloat16),
                              row_scales.data_ptr() if row_scales is not None else 0,
                              table.data_ptr() if table is not None else 0, states.data_ptr() if table is not None else 0,
-                             output.numel() // width, width, torch.get_num_threads())
+                             rows, width, torch.get_num_threads())
+
+
+def _check_shape(name: str, got, expected) -> None:
+    if got != expected:
+        raise ValueError(f"starquant op: {name} has shape/size {got}, expected {expected}")
 
 
 def _register_cpu_kernel() -> bool:
     try:
         from . import _sgat_cpu  # noqa: F401
     except ImportError:
-        warnings.warn(SlowCPUKernelWarning(SlowCPUKernelWarning.__doc__.replace("\n    ", " ")), stacklevel=2)
+        warnings.warn(SlowCPUKernelWarning(" ".join(SlowCPUKernelWarning.__doc__.split())), stacklevel=2)
         return False
     sgat_quantize.register_kernel("cpu")(sgat_quantize_cpu)
     add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
