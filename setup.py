@@ -11,8 +11,8 @@ setup(
         Extension(
             "starquant_plugin.serving.quantization._sgat_cpu",
             sources=["starquant_plugin/serving/quantization/csrc/sgat_cpu.c"],
-            extra_compile_args=["-O3", "-fno-math-errno", "-std=c11"],
-            extra_link_args=["-lpthread"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-std=c11", "-fopenmp"],
+            extra_link_args=["-fopenmp"],  # libgomp.so.1: under torch, the runtime torch loaded
             optional=True,
         )
     ]

@@ -4,8 +4,10 @@
 
 - `vllm dynamic_4bit`: what vLLM's CompressedTensorsW4A8Int uses on CPU (torch
   `_dyn_quant_matmul_4bit`; on x86 without KleidiAI a reference kernel);
-- `starquant int4pack`: the `starquant` method's CPU W4A8 path (torch `_weight_int4pack_mm_for_cpu`
-  on int8 codes in bf16, packed int4 weights, bf16 group scales);
+- `starquant int4pack`: the `starquant` method's CPU W4A8 path without AMX (torch
+  `_weight_int4pack_mm_for_cpu` on int8 codes in bf16, packed int4 weights, bf16 group scales);
+- `starquant amx int4`: its path on AMX CPUs (vLLM's AMX W4A8 GEMM `int4_scaled_mm_cpu` with the
+  sentinel column, then the per-token scales), the whole `_int4_codes_gemm` call;
 - `bf16 matmul` / `fp32 matmul`: the unquantized baselines.
 Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident bytes per weight.
 """
@@ -14,6 +16,7 @@ import argparse
 
 import torch
 
+from starquant_plugin.serving.quantization import config  # the serving path's int4 GEMMs
 from timing import timed  # examples/timing.py
 
 
@@ -35,10 +38,19 @@ def main() -> None:
     int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight + 8).contiguous(), 2)
     scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).to(torch.bfloat16).contiguous()
     dense = weight.float() * scales.repeat_interleave(g, 1)
+    amx = None
+    if config.amx_int4_gemm():
+        amx = torch.nn.Module()
+        for name, tensor in config.pack_int4(weight, scales, g, amx=True).items():
+            amx.register_buffer(name, tensor)
+        dense = weight.float() * scales.to(torch.bfloat16).float().repeat_interleave(g, 1)  # its scales are bf16
+    ones, int8_codes = torch.ones(m, 1), codes.to(torch.int8)
     rows = {
         "vllm dynamic_4bit": (lambda: torch.ops.aten._dyn_quant_matmul_4bit(codes.float(), dyn, g, k, n), dyn),
         "starquant int4pack": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             codes.to(torch.bfloat16), int4pack, g, scales_and_zeros), int4pack),
+        **({"starquant amx int4": (lambda: config._int4_codes_gemm(amx, g, int8_codes, ones, None, torch.bfloat16),
+                                   amx.starquant_int4)} if amx is not None else {}),
         "bf16 matmul": (lambda: codes.to(torch.bfloat16) @ dense.to(torch.bfloat16).t(), dense.to(torch.bfloat16)),
         "fp32 matmul": (lambda: codes.float() @ dense.t(), dense),
     }
@@ -48,7 +60,7 @@ def main() -> None:
     for name, (fn, resident) in rows.items():
         seconds = timed(fn, repeats=1 if name.startswith("vllm") else 3)
         error = ((fn().float() - reference).abs().mean() / reference.abs().mean()).item()
-        nbytes = resident.numel() * resident.element_size() + (scales_and_zeros.numel() * 2 if "int4pack" in name else 0)
+        nbytes = resident.numel() * resident.element_size() + (scales_and_zeros.numel() * 2 if "int4" in name else 0)
         print(f"{name:<20} {seconds:>8.3f} {2 * m * n * k / seconds / 1e9:>8.1f} {nbytes / (n * k):>12.3f} {error:>10.4f}")
 
 

@@ -229,11 +229,18 @@ def apply_tac(attention_output: torch.Tensor, tac: TACMap, buckets: torch.Tensor
         buckets = torch.zeros(shape[:-1], dtype=torch.long, device=attention_output.device)
     blocks = attention_output.reshape(-1, n_blocks, b)
     buckets = buckets.reshape(-1)
-    matrices = tac.matrices.to(attention_output.dtype)
-    # One batched matmul per bucket (blocks as the batch), never a [tokens, blocks, b, b] gather.
+    matrices = tac.matrices.to(attention_output.dtype).transpose(2, 3)  # [K, blocks, b, b], each A^T
+    offsets = tac.offsets.to(attention_output.dtype).reshape(-1, n_blocks, 1, b)
+
+    def mapped_rows(rows: torch.Tensor, bucket: int) -> torch.Tensor:  # blocks as the batch; c added before rounding
+        return torch.baddbmm(offsets[bucket], rows.transpose(0, 1), matrices[bucket]).transpose(0, 1)
+
+    if buckets.numel() and bool((buckets == buckets[0]).all()):  # one map for every token: no gather
+        return mapped_rows(blocks, int(buckets[0])).reshape(shape)
+    # One batched matmul per bucket, never a [tokens, blocks, b, b] gather.
     mapped = torch.empty_like(blocks)
     for bucket in range(matrices.shape[0]):
         rows = (buckets == bucket).nonzero().squeeze(-1)
         if rows.numel():
-            mapped[rows] = torch.bmm(blocks[rows].transpose(0, 1), matrices[bucket].transpose(1, 2)).transpose(0, 1)
-    return mapped.reshape(shape) + tac.offsets.to(attention_output.dtype)[buckets].reshape(shape)
+            mapped[rows] = mapped_rows(blocks[rows], bucket)
+    return mapped.reshape(shape)

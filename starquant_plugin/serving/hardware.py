@@ -6,23 +6,25 @@ runs emulated: measured 6.7x slower than float32 at LLaDA-8B shapes on an AVX2-o
 explicit bf16 gets the named `EmulatedPrecisionWarning`.
 """
 
+import functools
 import warnings
 from pathlib import Path
 
-__all__ = ["EmulatedPrecisionWarning", "cpu_flags", "hardware_precisions", "serving_dtype"]
+__all__ = ["EmulatedPrecisionWarning", "cpu_flags", "hardware_precisions", "matmul_dtype", "serving_dtype"]
 
 
 class EmulatedPrecisionWarning(UserWarning):
     """The requested dtype has no hardware units on this machine: it runs emulated, much slower."""
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo); empty where unreadable."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        return set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+        return frozenset(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration, IndexError):
-        return set()
+        return frozenset()
 
 
 def hardware_precisions(flags: set[str] | None = None) -> dict[str, bool]:
@@ -49,3 +51,15 @@ def serving_dtype(requested: str, stored: str, precisions: dict[str, bool]) -> s
                       "several times slower than float32; dtype auto serves a bf16 checkpoint in float32 here",
                       EmulatedPrecisionWarning, stacklevel=3)
     return requested
+
+
+def matmul_dtype(model_dtype, device_type: str, precisions: dict[str, bool] | None = None):
+    """The dtype of the small matmuls STaR-Quant applies to activations (TAC's per-head maps):
+    the model's, except on a CPU without units for it (bf16 without AVX512-BF16 or AMX, where a
+    bf16 matmul ran ~28x slower than float32; float16 on any CPU), where it is float32."""
+    import torch
+
+    if device_type != "cpu" or model_dtype == torch.float32:
+        return model_dtype
+    precisions = hardware_precisions() if precisions is None else precisions
+    return model_dtype if model_dtype == torch.bfloat16 and precisions["bf16"] else torch.float32

@@ -291,20 +291,21 @@ class DiffusionWorkerExtension:
         """
         model = self.model_runner.get_model()
         family = family_of(model.config)
-        linears, codes_gemm = {}, []
+        linears, codes_gemm = {}, {}
         for name, module in model.named_modules():
             method = getattr(module, "quant_method", None)
             if name.startswith(family.vllm_blocks + ".") and method is not None:
                 inner = getattr(method, "inner", None)
                 linears[name] = type(method).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
-                if getattr(method, "int8_codes_gemm", None) is not None or getattr(method, "int4_group", None):
-                    codes_gemm.append(name)
+                if getattr(method, "codes_gemm", None):
+                    codes_gemm[name] = method.codes_gemm
         return {
             "class": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype),
             "quantization": self.vllm_config.model_config.quantization,
             "linear_methods": linears,
-            "codes_gemm": codes_gemm,  # layers whose SGAT codes go straight into an integer GEMM (CPU)
+            # Layers whose activation codes go straight into an integer GEMM (CPU), and which one.
+            "codes_gemm": codes_gemm,
             "embedding_method": type(model.get_submodule(family.vllm_embedding).quant_method).__name__,
             "lm_head_method": type(model.get_submodule(family.vllm_lm_head).quant_method).__name__,
         }

@@ -4,7 +4,9 @@ import warnings
 
 import pytest
 
-from starquant_plugin.serving.hardware import EmulatedPrecisionWarning, hardware_precisions, serving_dtype
+import torch
+
+from starquant_plugin.serving.hardware import EmulatedPrecisionWarning, hardware_precisions, matmul_dtype, serving_dtype
 
 WITH_BF16 = {"fp32": True, "bf16": True, "int8": True}
 WITHOUT_BF16 = {"fp32": True, "bf16": False, "int8": False}  # e.g. an AVX2-only EPYC
@@ -28,3 +30,11 @@ def test_explicit_bf16_without_bf16_units_warns_by_name():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert serving_dtype("bfloat16", "float32", WITH_BF16) == "bfloat16"
+
+
+def test_tac_matmuls_run_in_bf16_only_on_cpus_with_bf16_units():
+    assert matmul_dtype(torch.bfloat16, "cpu", WITH_BF16) == torch.bfloat16
+    assert matmul_dtype(torch.bfloat16, "cpu", WITHOUT_BF16) == torch.float32
+    assert matmul_dtype(torch.float16, "cpu", WITH_BF16) == torch.float32
+    assert matmul_dtype(torch.float32, "cpu", WITHOUT_BF16) == torch.float32
+    assert matmul_dtype(torch.bfloat16, "cuda", WITHOUT_BF16) == torch.bfloat16  # the GPU's own kernels

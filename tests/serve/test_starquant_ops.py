@@ -255,3 +255,37 @@ def test_wna16_embedding_cpu_lookup_dequantizes_the_packed_rows(bits, group):
     dense = (codes.float().view(vocab, scale.shape[1], -1) * scale.float()[..., None]).view(vocab, hidden)
     assert got.shape == (2, 4, hidden) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), dense[ids].to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("bits, clip", [(8, 1.0), (8, 1.5), (4, 1.0)])
+def test_int4_codes_gemm_takes_the_codes_exactly(amx, bits, clip):
+    """Packed int4 weights times activation codes of any bit width and clip (a clip above 1 leaves
+    every code below the grid's top), all-zero rows included: the output is the exact integer
+    product scaled per token, up to the bf16 roundings of the kernel's output and of the scaling.
+    The AMX kernel quantizes its input per row itself; its sentinel column is what makes that exact."""
+    from starquant_plugin.serving.quantization import config
+
+    if amx and not config.amx_int4_gemm():
+        pytest.skip("vLLM's AMX W4A8 kernel needs a CPU with AMX")
+    g = torch.Generator().manual_seed(bits)
+    n, k, group, tokens = 64, 256, 64, 9
+    weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    weight_scale = torch.rand(n, k // group, generator=g) * 0.01 + 0.001
+    top = int(round((2 ** (bits - 1) - 1) / clip))
+    codes = torch.randint(-top, top + 1, (tokens, k), generator=g).to(torch.int8)
+    codes[0] = 0
+    scales = torch.rand(tokens, 1, generator=g) + 0.5
+    layer = torch.nn.Module()
+    for name, tensor in config.pack_int4(weight, weight_scale, group, amx=amx).items():
+        layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    states = torch.arange(tokens) % 2
+    compensation = torch.randn(2, n, generator=g).to(torch.bfloat16)
+    got = config._int4_codes_gemm(layer, group, codes, scales, None, torch.bfloat16, compensation, states).float()
+    dense = weight.double() * weight_scale.to(torch.bfloat16).double().repeat_interleave(group, 1)
+    exact = (codes.double() @ dense.t()) * scales.double()
+    assert torch.equal(got[0], compensation[0].float())  # an all-zero row: only its compensation
+    error = (got.double() - compensation.double()[states] - exact).abs()
+    # Two bf16 roundings of the product (2 * 2^-9 relative) plus one of the sum with the compensation.
+    bound = 2 ** -8 * exact.abs() + 2 ** -8 * (exact.abs() + compensation.double().abs()[states]) + 1e-6
+    assert (error <= bound).all(), (error / bound).max()

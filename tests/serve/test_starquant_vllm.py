@@ -21,6 +21,7 @@ from tests.conftest import exact_match_by_backend, quantize_with_cli
 pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs these")
 
 from starquant_plugin.serving import DiffusionLLM  # noqa: E402
+from starquant_plugin.serving.quantization.config import amx_int4_gemm  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +128,8 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     assert info["lm_head_method"] == ("CompressedTensorsLinearMethod" if low_bit_ends else "UnquantizedEmbeddingMethod")
     if not torch.cuda.is_available():  # CPU: codes go straight into oneDNN's int8 GEMM / the packed int4 GEMM
         assert len(info["codes_gemm"]) == 4 * model.config.n_layers
+        if bits.startswith("w4"):  # vLLM's AMX W4A8 kernel where the CPU has AMX, torch's int4pack GEMM elsewhere
+            assert set(info["codes_gemm"].values()) == {"amx_int4" if amx_int4_gemm() else "int4pack"}
     block0 = model.model.transformer.blocks[0]
     expected_compensation = torch.cat([block0.q_proj.sgat_compensation, block0.k_proj.sgat_compensation,
                                        block0.v_proj.sgat_compensation], 1)
@@ -208,6 +211,8 @@ def test_starquant_w8a8_served_in_bf16_takes_the_codes_into_the_int8_gemm(shippe
     info, got, block_outputs, _ = served(directory, input_ids, attention_mask, dtype="bfloat16")
     assert info["dtype"] == "torch.bfloat16"
     assert len(info["codes_gemm"]) == 4 * model.config.n_layers
+    if torch.cpu._is_amx_tile_supported():
+        assert "amx_int8" in info["codes_gemm"].values()
     assert_matches_the_core(model, input_ids, attention_mask, got, block_outputs, 0.06)
 
 

@@ -26,9 +26,10 @@ them exactly, the per-token scales applied to its output.
 
 W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torch's reference
 `_dyn_quant_matmul_4bit`, which keeps 2 bytes per weight and runs at under 1 GFLOP/s. The
-layer keeps its int4 weights packed instead (two per byte, torch's `_weight_int4pack_mm_for_cpu`
-layout, bf16 group scales) and multiplies the int8 codes (exact in bf16) by them, then
-scales each token's row: y = scale_t * (codes @ W_int4 * s_group).
+layer keeps its int4 weights packed instead and multiplies the codes (exact in bf16) by them,
+then scales each token's row: y = scale_t * (codes @ W_int4 * s_group). On AMX CPUs the GEMM
+is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, which quantizes its input itself: a sentinel
+column makes that exact, see `_int4_codes_gemm`); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
 quantize each rank's input slice per token, as vLLM's kernels do.
@@ -63,6 +64,7 @@ from ...quantization.hadamard import rotation_block_for
 from ...quantization.quantizers import quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
+from ..hardware import matmul_dtype
 from .context import current_token_context
 
 __all__ = ["STARQUANT_METHOD", "StarQuantCompressedTensorsConfig", "StarQuantLinearMethod", "WNA16EmbeddingMethod"]
@@ -295,16 +297,20 @@ class StarQuantLinearMethod(LinearMethodBase):
             self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
         self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
+        # Which integer GEMM takes this layer's codes (None: vLLM's own method, on what SGAT hands it).
+        self.codes_gemm = ("amx_int4" if hasattr(layer, "starquant_int4_zeros") else "int4pack") if self.int4_group \
+            else _int8_kernel_name(self.int8_codes_gemm)
         if (self.sgat and self.activation_bits is not None and self.int8_codes_gemm is None
                 and self.int4_group is None and self.params_dtype == torch.bfloat16):
             _warn_inexact_codes_once(layer.prefix)
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
-        # sgat_quantize keeps the shift and clip in float32 (it computes in float32), and so does
-        # TAC on CPU: its per-head matmuls in bf16 cost ~20x float32 there (no bf16 units).
+        # sgat_quantize keeps the shift and clip in float32 (it computes in float32); TAC takes
+        # `matmul_dtype` (float32 on a CPU without units for the model's dtype).
         for name in ("tac_matrices", "tac_offsets", "sgat_smoothing", "sgat_compensation"):
             param = getattr(layer, name, None)
-            if param is not None and not (name.startswith("tac_") and param.device.type == "cpu"):
-                param.data = param.data.to(self.params_dtype)
+            if param is not None:
+                dtype = matmul_dtype(self.params_dtype, param.device.type) if name.startswith("tac_") else self.params_dtype
+                param.data = param.data.to(dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         context = current_token_context() if self.tac or self.sgat else None
@@ -321,10 +327,8 @@ class StarQuantLinearMethod(LinearMethodBase):
                 if self.int8_codes_gemm is not None or self.int4_group is not None:
                     compensation = layer.sgat_compensation if self.add_compensation else None
                     if self.int4_group is not None:
-                        output = _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
-                        if compensation is not None:  # our GEMM's fresh output: added in place
-                            torch.ops.starquant.add_state_rows(output, None, compensation, context.states)
-                        return output
+                        return _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype, compensation,
+                                                context.states)
                     return _int8_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype, compensation,
                                             context.states)
                 x = (codes.float() * scales).to(x.dtype)
@@ -373,6 +377,12 @@ def _codes_int8_kernel(layer):
     return None
 
 
+def _int8_kernel_name(kernel) -> str | None:
+    if kernel is None:
+        return None
+    return "amx_int8" if kernel.linear_method == getattr(kernel, "_apply_weights_sgl", None) else "onednn_int8"
+
+
 def _int8_codes_gemm(kernel, layer, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
                      compensation: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:
     """The kernel's GEMM on int8 codes [..., k] with per-token scales [..., 1], plus SGAT's
@@ -413,12 +423,15 @@ def layer_is_cuda(layer) -> bool:
 
 
 def _pack_cpu_int4(layer) -> int | None:
-    """Repack a CPU layer's int4 weights two per byte with bf16 group scales (torch's
-    `_weight_int4pack_mm_for_cpu` layout), freeing vLLM's copies; returns the group size, or None
-    where this path does not apply (GPU, another scheme, unsupported shapes) and vLLM's kernel is
-    kept. The weights come as vLLM's W4A8Int holds them (`int-quantized`: int8 values in [-8, 7])
-    or as WNA8Int does (`pack-quantized`: eight values per int32, unpacked with compressed-tensors'
-    own `unpack_from_int32`)."""
+    """Repack a CPU layer's int4 weights for our int4 GEMM, freeing vLLM's copies; returns the
+    group size, or None where this path does not apply (GPU, another scheme, unsupported shapes)
+    and vLLM's kernel is kept. The weights come as vLLM's W4A8Int holds them (`int-quantized`:
+    int8 values in [-8, 7]) or as WNA8Int does (`pack-quantized`: eight values per int32,
+    unpacked with compressed-tensors' own `unpack_from_int32`).
+
+    On AMX CPUs the GEMM is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, AWQ-blocked weights),
+    with one zero-weight group appended (see `_int4_codes_gemm`); elsewhere torch's
+    `_weight_int4pack_mm_for_cpu` (two values per byte, bf16 group scales)."""
     scheme = getattr(layer, "scheme", None)
     kernel = type(getattr(scheme, "kernel", None)).__name__
     name = type(scheme).__name__
@@ -435,24 +448,75 @@ def _pack_cpu_int4(layer) -> int | None:
     group = k // weight_scale.shape[1]
     if group not in INT4_CPU_GROUPS or group * weight_scale.shape[1] != k or n % 8 or k % 64:
         return None
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight.int() + 8).contiguous(), 2)
-    scales = weight_scale.t().to(torch.bfloat16)  # [k / group, n]
-    # The kernel computes (q - 8) * scale + zero for the stored q = w + 8: zero 0 gives w * scale.
-    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
     for name in ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
         if name in layer._parameters:
             layer._parameters[name] = None
-    layer.register_parameter("starquant_int4", Parameter(packed, requires_grad=False))
-    layer.register_parameter("starquant_int4_scales", Parameter(scales_and_zeros, requires_grad=False))
+    for name, tensor in pack_int4(weight, weight_scale, group, amx=amx_int4_gemm() and n % AMX_INT4_BLOCK_N == 0).items():
+        layer.register_parameter(name, Parameter(tensor, requires_grad=False))
     return group
 
 
-def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tensor, bias, dtype) -> torch.Tensor:
-    """int8 codes [..., k] with per-token scales [..., 1] times the packed int4 weights -> [..., n]."""
+def pack_int4(weight: torch.Tensor, weight_scale: torch.Tensor, group: int, amx: bool) -> dict[str, torch.Tensor]:
+    """int4 values [n, k] in [-8, 7] and scales [n, k / group] -> the tensors `_int4_codes_gemm`
+    reads: `starquant_int4` and `starquant_int4_scales`, plus `starquant_int4_zeros` for the AMX
+    kernel (`amx`; see `_amx_int4_pack`)."""
+    if amx:
+        packed, zeros, scales = _amx_int4_pack(weight, weight_scale, group)
+        return {"starquant_int4": packed, "starquant_int4_scales": scales, "starquant_int4_zeros": zeros}
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight.int() + 8).contiguous(), 2)
+    scales = weight_scale.t().to(torch.bfloat16)  # [k / group, n]
+    # The kernel computes (q - 8) * scale + zero for the stored q = w + 8: zero 0 gives w * scale.
+    return {"starquant_int4": packed,
+            "starquant_int4_scales": torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()}
+
+
+# vLLM's AMX W4A8 GEMM blocks the output in tiles of this many channels.
+AMX_INT4_BLOCK_N = 32
+
+
+def amx_int4_gemm() -> bool:
+    """Whether vLLM's AMX W4A8 GEMM (`torch.ops._C.int4_scaled_mm_cpu`) runs on this CPU."""
+    return hasattr(torch.ops._C, "int4_scaled_mm_cpu") and torch.cpu._is_amx_tile_supported()
+
+
+def _amx_int4_pack(weight: torch.Tensor, weight_scale: torch.Tensor, group: int):
+    """int4 values [n, k] and scales [n, k / group] -> the AMX kernel's blocked weights, zero
+    points and scales, as vLLM packs an AWQ layer for it (values stored + 8, zero point 8), with
+    one more input group of zero weights (scale 1) for `_int4_codes_gemm`'s sentinel column."""
+    from vllm import _custom_ops as vllm_ops
+    from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
+
+    n, k = weight.shape
+    stored = torch.cat([weight.int() + 8, torch.full((n, group), 8, dtype=torch.int32)], 1).t()  # [k + group, n]
+    awq_order = stored.reshape(k + group, n // 8, 8)[:, :, (0, 2, 4, 6, 1, 3, 5, 7)].reshape(k + group, n)
+    packed = pack_quantized_values_into_int32(awq_order, scalar_types.uint4b8, 1).contiguous()
+    zeros = torch.full((k // group + 1, n // 8), 0x88888888 - 2**32, dtype=torch.int32)  # eight 8s per int32
+    scales = torch.cat([weight_scale.float(), torch.ones(n, 1)], 1).t().to(torch.bfloat16).contiguous()
+    return vllm_ops.convert_weight_packed_scale_zp(packed, zeros, scales, vllm_ops.CPUQuantAlgo.AWQ)
+
+
+def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
+                     compensation: torch.Tensor | None = None, states: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes [..., k] with per-token scales [..., 1] times the packed int4 weights -> [..., n],
+    plus SGAT's per-state `compensation` [2, n] (None: none here). The codes go in as bf16
+    (|codes| <= 127: exact). The AMX kernel quantizes its input per row itself (scale = the row's
+    |max| / 127): a sentinel 127 in the appended zero-weight group makes that scale exactly 1
+    for every row, so it recovers the codes of any bit width and clip, and all-zero rows."""
     shape = codes.shape
-    rows = codes.reshape(-1, shape[-1]).to(torch.bfloat16)  # |codes| <= 127: exact in bf16
-    output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.starquant_int4, group, layer.starquant_int4_scales)
-    output = (output.float() * scales.reshape(-1, 1)).to(dtype)
+    k = shape[-1]
+    codes = codes.reshape(-1, k)
+    if hasattr(layer, "starquant_int4_zeros"):
+        rows = codes.new_zeros((codes.shape[0], k + group), dtype=torch.bfloat16)
+        rows[:, :k] = codes
+        rows[:, k] = 127
+        output = torch.ops._C.int4_scaled_mm_cpu(rows, layer.starquant_int4, layer.starquant_int4_zeros,
+                                                 layer.starquant_int4_scales, None)
+    else:
+        output = torch.ops.aten._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), layer.starquant_int4, group,
+                                                            layer.starquant_int4_scales)
+    output = output.to(dtype)
+    torch.ops.starquant.add_state_rows(output, scales, compensation, states)
     if bias is not None:
-        output = output + bias
+        output += bias
     return output.reshape(*shape[:-1], output.shape[-1])

@@ -66,7 +66,8 @@ def _(x, states, shift, clip, rotation_block, bits):
 @torch.library.custom_op("starquant::tac", mutates_args=())
 def tac(x: torch.Tensor, buckets: torch.Tensor, matrices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [tokens, in], buckets [tokens] (long), matrices [K, in/b, b, b], offsets [K, in] -> [tokens, in].
-    Computed in the matrices' dtype (float32 on CPU, where bf16 matmuls are slow), returned in x's."""
+    Computed in the matrices' dtype (float32 on CPUs without bf16 units, where bf16 matmuls are slow),
+    returned in x's."""
     return apply_tac(x.to(matrices.dtype), TACMap(matrices, offsets), buckets.long()).to(x.dtype)
 
 

@@ -6,7 +6,7 @@
  * the orthonormal Hadamard (fast Walsh-Hadamard butterflies, stages of half-width 1, 2, 4, ...,
  * then times 1/sqrt(block): the same operations in the same order as the Triton kernel), take
  * the row absmax, scale = max(absmax * clip[state], 1e-8) / qmax, codes = round-half-even(v *
- * (1 / scale)) clamped to [-qmax, qmax]. Rows are split over `threads` POSIX threads; the GIL is
+ * (1 / scale)) clamped to [-qmax, qmax]. Rows are split over `threads` OpenMP threads (torch's); the GIL is
  * released while they run. Tensors arrive as addresses of contiguous buffers (checked by the
  * Python caller). `add_state_rows` scales a GEMM's output rows and adds SGAT's per-state
  * compensation, in place. Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
@@ -15,7 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,13 +114,27 @@ static inline __attribute__((always_inline)) v16i as_int(v16f x) { return BITCAS
 
 static inline __attribute__((always_inline)) v16f as_float(v16i bits) { return BITCAST(v16f, bits); }
 
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+/* 16 bf16 values widened to float32, and float32 rounded to bf16 as float_to_bf16 does. */
+static inline __attribute__((always_inline)) v16f widen16(const uint16_t *in) {
+    v16h half;
+    memcpy(&half, in, sizeof half);
+    return as_float(__builtin_convertvector(half, v16i) << 16);
+}
+
+static inline __attribute__((always_inline)) void narrow16(v16f x, uint16_t *out) {
+    v16u bits = BITCAST(v16u, x);
+    v16u rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16, nan = (v16u)(x != x);
+    v16h half = __builtin_convertvector((nan & 0x7fc0) | (~nan & rounded), v16h);
+    memcpy(out, &half, sizeof half);
+}
+
 /* 16 inputs from column c, in float32, minus the shift. */
 static inline __attribute__((always_inline)) v16f load16(const void *x, int dtype, int64_t offset, const float *shift) {
     v16f value, minus;
     if (dtype == DTYPE_BFLOAT16) {
-        v16h half;
-        memcpy(&half, (const uint16_t *)x + offset, sizeof half);
-        value = as_float(__builtin_convertvector(half, v16i) << 16);
+        value = widen16((const uint16_t *)x + offset);
     } else {
         memcpy(&value, (const float *)x + offset, sizeof value);
     }
@@ -209,40 +223,20 @@ MULTIVERSION static void store_codes(const float *v, int64_t width, float scale,
 /* A share of rows: returns nonzero when it could not run (out of memory). */
 typedef int (*RowsBody)(const void *task, int64_t begin, int64_t end);
 
-typedef struct {
-    RowsBody body;
-    const void *task;
-    int64_t begin, end;
-    int failed;
-} Share;
-
-static void *run_share(void *arg) {
-    Share *share = (Share *)arg;
-    share->failed = share->body(share->task, share->begin, share->end);
-    return NULL;
-}
-
-/* Rows [0, rows) in `threads` contiguous shares, the calling thread taking the first; called
- * without the GIL. Returns nonzero when memory ran out. */
+/* Rows [0, rows) in `threads` contiguous shares on OpenMP threads; called without the GIL.
+ * OpenMP, not threads of our own: under torch (which loads its libgomp.so.1 first) these are
+ * torch's own intra-op threads, with the CPU bindings vLLM's worker gave them; a thread created
+ * here would inherit the caller's binding to one core and queue behind it. Returns nonzero when
+ * memory ran out. */
 static int parallel_rows(RowsBody body, const void *task, int64_t rows, int threads) {
     if (threads < 1) threads = 1;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
-    Share *shares = calloc((size_t)threads, sizeof(Share));
-    pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
-    int *started = calloc((size_t)threads, sizeof(int));
-    int failed = !shares || !ids || !started;
-    if (!failed) {
-        for (int t = 0; t < threads; t++) {
-            shares[t] = (Share){body, task, rows * t / threads, rows * (t + 1) / threads, 0};
-            started[t] = t > 0 && pthread_create(&ids[t], NULL, run_share, &shares[t]) == 0;
-        }
-        for (int t = 0; t < threads; t++)
-            if (t == 0 || !started[t]) run_share(&shares[t]);
-        for (int t = 1; t < threads; t++)
-            if (started[t]) pthread_join(ids[t], NULL);
-        for (int t = 0; t < threads; t++) failed |= shares[t].failed;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        failed |= body(task, rows * t / n, rows * (t + 1) / n);
     }
-    free(shares), free(ids), free(started);
     return failed;
 }
 
@@ -274,13 +268,12 @@ static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
 
 /* out = out * scale + add (add may be NULL), in float32, rounded once. */
 MULTIVERSION static void scale_add_row_bf16(uint16_t *out, float scale, const uint16_t *add, int64_t width) {
-    if (add && scale == 1.0f)
-        for (int64_t c = 0; c < width; c++) out[c] = float_to_bf16(bf16_to_float(out[c]) + bf16_to_float(add[c]));
-    else if (add)
-        for (int64_t c = 0; c < width; c++)
-            out[c] = float_to_bf16(bf16_to_float(out[c]) * scale + bf16_to_float(add[c]));
-    else
-        for (int64_t c = 0; c < width; c++) out[c] = float_to_bf16(bf16_to_float(out[c]) * scale);
+    int64_t c = 0;
+    for (; c + 16 <= width; c += 16) {
+        v16f value = widen16(out + c) * scale;
+        narrow16(add ? value + widen16(add + c) : value, out + c);
+    }
+    for (; c < width; c++) out[c] = float_to_bf16(bf16_to_float(out[c]) * scale + (add ? bf16_to_float(add[c]) : 0.0f));
 }
 
 MULTIVERSION static void scale_add_row_float(float *out, float scale, const float *add, int64_t width) {
