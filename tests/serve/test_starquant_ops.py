@@ -66,6 +66,13 @@ def test_cpu_kernel_matches_the_core_maths(dtype, tokens, width, block, bits):
         folded, folded_scales = torch.ops.starquant.sgat_quantize(x.view(1, tokens, width), states.view(1, -1), shift,
                                                                   clip, block, bits)
         assert torch.equal(folded[0], codes) and torch.equal(folded_scales[0], scales)
+    # The same codes as bf16 integers, with and without the sentinel columns (for AMX GEMMs).
+    for pad in (0, 32):
+        padded, padded_scales = torch.ops.starquant.sgat_quantize_padded(x, states, shift, clip, block, bits, pad)
+        assert padded.dtype == torch.bfloat16 and padded.shape == (tokens, width + pad)
+        assert torch.equal(padded[:, :width], codes.to(torch.bfloat16)) and torch.equal(padded_scales, scales)
+        if pad:
+            assert (padded[:, width] == 127).all() and not padded[:, width + 1:].any()
 
 
 def test_cpu_kernel_splits_rows_over_torchs_threads_with_the_same_result():
@@ -156,6 +163,8 @@ assert not ops.CPU_KERNEL
 assert [w.category.__name__ for w in caught if "C kernel" in str(w.message)] == ["SlowCPUKernelWarning"], caught
 x = torch.randn(4, 64)
 codes, scales = torch.ops.starquant.sgat_quantize(x, torch.tensor([0, 1, 1, 0]), torch.zeros(2, 64), torch.ones(2), 32, 8)
+padded, _ = torch.ops.starquant.sgat_quantize_padded(x, torch.tensor([0, 1, 1, 0]), torch.zeros(2, 64), torch.ones(2), 32, 8, 3)
+assert torch.equal(padded, torch.cat([codes.bfloat16(), torch.tensor([[127.0, 0, 0]]).bfloat16().expand(4, 3)], 1))
 print("fallback ok", codes.dtype)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -174,6 +183,7 @@ def test_tac_op_equals_core_apply_tac():
 def test_ops_have_fake_implementations_for_tracing():
     x, states, shift, clip = _inputs()
     torch.library.opcheck(torch.ops.starquant.sgat_quantize.default, (x, states, shift, clip, 32, 8))
+    torch.library.opcheck(torch.ops.starquant.sgat_quantize_padded.default, (x, states, shift, clip, 32, 8, 16))
     g = torch.Generator().manual_seed(2)
     torch.library.opcheck(
         torch.ops.starquant.tac.default,

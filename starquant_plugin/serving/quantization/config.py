@@ -300,6 +300,9 @@ class StarQuantLinearMethod(LinearMethodBase):
         # Which integer GEMM takes this layer's codes (None: vLLM's own method, on what SGAT hands it).
         self.codes_gemm = ("amx_int4" if hasattr(layer, "starquant_int4_zeros") else "int4pack") if self.int4_group \
             else _int8_kernel_name(self.int8_codes_gemm)
+        # The AMX GEMMs take bf16 codes (the int4 one with its sentinel group): SGAT writes them so.
+        self.codes_pad = {"amx_int4": self.int4_group, "amx_int8": 0}.get(self.codes_gemm) \
+            if self.sgat and self.params_dtype == torch.bfloat16 else None
         if (self.sgat and self.activation_bits is not None and self.int8_codes_gemm is None
                 and self.int4_group is None and self.params_dtype == torch.bfloat16):
             _warn_inexact_codes_once(layer.prefix)
@@ -321,9 +324,14 @@ class StarQuantLinearMethod(LinearMethodBase):
             if self.online_smoothing:
                 x = x * layer.sgat_smoothing
             if self.activation_bits is not None:
-                codes, scales = torch.ops.starquant.sgat_quantize(
-                    x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
-                )
+                if self.codes_pad is not None:
+                    codes, scales = torch.ops.starquant.sgat_quantize_padded(
+                        x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits,
+                        self.codes_pad)
+                else:
+                    codes, scales = torch.ops.starquant.sgat_quantize(
+                        x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
+                    )
                 if self.int8_codes_gemm is not None or self.int4_group is not None:
                     compensation = layer.sgat_compensation if self.add_compensation else None
                     if self.int4_group is not None:
@@ -498,8 +506,9 @@ def _amx_int4_pack(weight: torch.Tensor, weight_scale: torch.Tensor, group: int)
 
 def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
                      compensation: torch.Tensor | None = None, states: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 codes [..., k] with per-token scales [..., 1] times the packed int4 weights -> [..., n],
-    plus SGAT's per-state `compensation` [2, n] (None: none here). The codes go in as bf16
+    """int8 codes [..., k] (or, for the AMX kernel, `sgat_quantize_padded`'s bf16 rows [..., k + group])
+    with per-token scales [..., 1] times the packed int4 weights -> [..., n], plus SGAT's
+    per-state `compensation` [2, n] (None: none here). The codes go in as bf16
     (|codes| <= 127: exact). The AMX kernel quantizes its input per row itself (scale = the row's
     |max| / 127): a sentinel 127 in the appended zero-weight group makes that scale exactly 1
     for every row, so it recovers the codes of any bit width and clip, and all-zero rows."""
@@ -507,9 +516,12 @@ def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tenso
     k = shape[-1]
     codes = codes.reshape(-1, k)
     if hasattr(layer, "starquant_int4_zeros"):
-        rows = codes.new_zeros((codes.shape[0], k + group), dtype=torch.bfloat16)
-        rows[:, :k] = codes
-        rows[:, k] = 127
+        if codes.dtype == torch.bfloat16:  # `sgat_quantize_padded`'s rows: sentinel group included
+            rows = codes
+        else:
+            rows = codes.new_zeros((codes.shape[0], k + group), dtype=torch.bfloat16)
+            rows[:, :k] = codes
+            rows[:, k] = 127
         output = torch.ops._C.int4_scaled_mm_cpu(rows, layer.starquant_int4, layer.starquant_int4_zeros,
                                                  layer.starquant_int4_scales, None)
     else:

@@ -5,13 +5,15 @@ compilation can trace them (fake implementations give shapes and dtypes).
   select the shift by token state, subtract, block-Hadamard rotate, per-token absmax
   quantize with the per-state clip. One fused call; the maths is the core's
   (`sgat_transform_input`, `quantize_per_token`).
+- `sgat_quantize_padded(..., pad) -> (codes bf16, scales)`: the same codes as bf16 integers with
+  `pad` extra columns (a sentinel 127, then zeros), for GEMMs that quantize their input themselves.
 - `tac(x, buckets, matrices, offsets) -> x`: the block-diagonal affine map of TAC per
   token's mask-ratio bucket (core `apply_tac`).
 - `add_state_rows(output, row_scales, table, states)`: `output = output * row_scales +
   table[states]` in place (either term None): per-token scales of a GEMM's output, SGAT's
   per-state compensation.
 
-On CPU `sgat_quantize` and `add_state_rows` run the C kernels built with the package
+On CPU `sgat_quantize`, `sgat_quantize_padded` and `add_state_rows` run the C kernels built with the package
 (`csrc/sgat_cpu.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
 kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
 device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
@@ -27,7 +29,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_torch", "tac"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -89,10 +91,48 @@ def _register_triton_kernels() -> bool:
 TRITON_KERNELS = _register_triton_kernels()
 
 
+@torch.library.custom_op("starquant::sgat_quantize_padded", mutates_args=())
+def sgat_quantize_padded(
+    x: torch.Tensor, states: torch.Tensor, shift: torch.Tensor, clip: torch.Tensor, rotation_block: int, bits: int,
+    pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sgat_quantize` with the codes as bf16 integers (exact: |code| <= 127) in rows of `in + pad`
+    columns, the `pad` extra columns (if any) a sentinel 127 then zeros: the input of a GEMM that
+    quantizes its bf16 input per row itself (its scale is then 1 for every row, and the codes
+    come back unchanged; the weights of the extra columns are zero)."""
+    codes, scales = sgat_quantize_torch(x, states, shift, clip, rotation_block, bits)
+    return _with_sentinel(codes.to(torch.bfloat16), pad), scales
+
+
+def _with_sentinel(codes: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad < 0:
+        raise ValueError(f"sgat_quantize_padded: pad {pad} < 0")
+    extra = codes.new_zeros((*codes.shape[:-1], pad))
+    extra[..., :1] = 127
+    return torch.cat([codes, extra], -1)
+
+
+@sgat_quantize_padded.register_fake
+def _(x, states, shift, clip, rotation_block, bits, pad):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] + pad), dtype=torch.bfloat16),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
 def sgat_quantize_cpu(
     x: torch.Tensor, states: torch.Tensor, shift: torch.Tensor, clip: torch.Tensor, rotation_block: int, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The C kernel of `starquant::sgat_quantize` (same contract), on torch's intra-op threads."""
+    return _quantize_cpu(x, states, shift, clip, rotation_block, bits, torch.int8, 0)
+
+
+def sgat_quantize_padded_cpu(x, states, shift, clip, rotation_block: int, bits: int, pad: int):
+    """The C kernel of `starquant::sgat_quantize_padded` (same contract)."""
+    if pad < 0:
+        raise ValueError(f"sgat_quantize_padded: pad {pad} < 0")
+    return _quantize_cpu(x, states, shift, clip, rotation_block, bits, torch.bfloat16, pad)
+
+
+def _quantize_cpu(x, states, shift, clip, rotation_block: int, bits: int, codes_dtype: torch.dtype, pad: int):
     from . import _sgat_cpu
 
     width = x.shape[-1]
@@ -108,13 +148,14 @@ def sgat_quantize_cpu(
     rows = rows.contiguous()
     states = states.reshape(-1).long().contiguous()
     shift, clip = shift.float().contiguous(), clip.float().contiguous()
-    codes = torch.empty(rows.shape, dtype=torch.int8)
+    codes = torch.empty((rows.shape[0], width + pad), dtype=codes_dtype)
     scales = torch.empty((rows.shape[0], 1), dtype=torch.float32)
     if rows.shape[0]:
         _sgat_cpu.quantize(rows.data_ptr(), int(rows.dtype == torch.bfloat16), states.data_ptr(), shift.data_ptr(),
-                           clip.data_ptr(), codes.data_ptr(), scales.data_ptr(), rows.shape[0], width, rotation_block,
-                           float(integer_range(bits)), torch.get_num_threads())
-    return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
+                           clip.data_ptr(), codes.data_ptr(), int(codes_dtype == torch.bfloat16), width + pad,
+                           scales.data_ptr(), rows.shape[0], width, rotation_block, float(integer_range(bits)),
+                           torch.get_num_threads())
+    return codes.reshape(*x.shape[:-1], width + pad), scales.reshape(*x.shape[:-1], 1)
 
 
 @torch.library.custom_op("starquant::add_state_rows", mutates_args=("output",))
@@ -177,6 +218,7 @@ def _register_cpu_kernel() -> bool:
         warnings.warn(SlowCPUKernelWarning(" ".join(SlowCPUKernelWarning.__doc__.split())), stacklevel=2)
         return False
     sgat_quantize.register_kernel("cpu")(sgat_quantize_cpu)
+    sgat_quantize_padded.register_kernel("cpu")(sgat_quantize_padded_cpu)
     add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
     return True
 

@@ -34,9 +34,10 @@ typedef struct {
     const int64_t *states;
     const float *shift; /* [2, width] */
     const float *clip;  /* [2] */
-    int8_t *codes;
+    void *codes; /* [tokens, codes_width]: int8, or bf16 integers */
+    int codes_dtype;
     float *scales;
-    int64_t width, block;
+    int64_t width, block, codes_width;
     float qmax;
 } QuantizeTask;
 
@@ -220,6 +221,20 @@ MULTIVERSION static void store_codes(const float *v, int64_t width, float scale,
     }
 }
 
+/* The same codes as bf16 values (integers up to 127: exact), then the padding columns up to
+ * `codes_width`: a sentinel 127 first, zeros after (for a GEMM that quantizes its input per row:
+ * the row's |max| is then 127, its scale 1, and the codes come back unchanged). */
+MULTIVERSION static void store_codes_bf16(const float *v, int64_t width, float scale, float qmax, int64_t codes_width,
+                                          uint16_t *out) {
+    const float inverse = 1.0f / scale;
+    for (int64_t c = 0; c < width; c++) {
+        float q = __builtin_rintf(v[c] * inverse);
+        q = q > qmax ? qmax : (q < -qmax ? -qmax : q);
+        out[c] = (uint16_t)(BITCAST(uint32_t, q) >> 16); /* exact: |q| <= 127 fits bf16's 8 bits */
+    }
+    for (int64_t c = width; c < codes_width; c++) out[c] = c == width ? 0x42fe /* 127 */ : 0;
+}
+
 /* A share of rows: returns nonzero when it could not run (out of memory). */
 typedef int (*RowsBody)(const void *task, int64_t begin, int64_t end);
 
@@ -260,7 +275,11 @@ static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
         float bound = absmax * task->clip[state];
         float scale = (bound > 1e-8f ? bound : 1e-8f) / task->qmax;
         task->scales[row] = scale;
-        store_codes(v, task->width, scale, task->qmax, task->codes + row * task->width);
+        if (task->codes_dtype == DTYPE_BFLOAT16)
+            store_codes_bf16(v, task->width, scale, task->qmax, task->codes_width,
+                             (uint16_t *)task->codes + row * task->codes_width);
+        else
+            store_codes(v, task->width, scale, task->qmax, (int8_t *)task->codes + row * task->width);
     }
     free(v);
     return 0;
@@ -302,14 +321,14 @@ static int add_rows(const void *arg, int64_t begin, int64_t end) {
 
 static PyObject *quantize(PyObject *self, PyObject *args) {
     unsigned long long x, states, shift, clip, codes, scales;
-    int dtype, threads, failed;
-    long long tokens, width, block;
+    int dtype, codes_dtype, threads, failed;
+    long long tokens, width, block, codes_width;
     float qmax;
-    if (!PyArg_ParseTuple(args, "KiKKKKKLLLfi", &x, &dtype, &states, &shift, &clip, &codes, &scales, &tokens, &width,
-                          &block, &qmax, &threads))
+    if (!PyArg_ParseTuple(args, "KiKKKKiLKLLLfi", &x, &dtype, &states, &shift, &clip, &codes, &codes_dtype, &codes_width,
+                          &scales, &tokens, &width, &block, &qmax, &threads))
         return NULL;
     QuantizeTask task = {(const void *)x, dtype, (const int64_t *)states, (const float *)shift, (const float *)clip,
-                         (int8_t *)codes, (float *)scales, width, block, qmax};
+                         (void *)codes, codes_dtype, (float *)scales, width, block, codes_width, qmax};
     Py_BEGIN_ALLOW_THREADS
     failed = parallel_rows(quantize_rows, &task, tokens, threads);
     Py_END_ALLOW_THREADS
@@ -333,8 +352,9 @@ static PyObject *add_state_rows(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
-     "quantize(x, dtype, states, shift, clip, codes, scales, tokens, width, block, qmax, threads): addresses "
-     "of contiguous buffers; writes codes int8 [tokens, width] and scales float32 [tokens]."},
+     "quantize(x, dtype, states, shift, clip, codes, codes_dtype, codes_width, scales, tokens, width, block, qmax, "
+     "threads): addresses of contiguous buffers; writes codes [tokens, codes_width] (int8 with codes_width = width, "
+     "or bf16 with a sentinel 127 and zeros in the columns past width) and scales float32 [tokens]."},
     {"add_state_rows", add_state_rows, METH_VARARGS,
      "add_state_rows(out, dtype, scales, table, states, rows, width, threads): out[r] = out[r] * scales[r] + "
      "table[states[r] != 0] in place (scales, table: 0 for none), in float32, rounded once to bf16 as torch rounds."},
