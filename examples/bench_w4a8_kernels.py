@@ -45,14 +45,16 @@ def main() -> None:
             amx.register_buffer(name, tensor)
         dense = weight.float() * scales.to(torch.bfloat16).float().repeat_interleave(g, 1)  # its scales are bf16
     ones, int8_codes = torch.ones(m, 1), codes.to(torch.int8)
+    # The baselines' operands in their dtype once, as a served layer holds them.
+    codes_bf16, codes_fp32, dense_bf16 = codes.to(torch.bfloat16), codes.float(), dense.to(torch.bfloat16)
     rows = {
         "vllm dynamic_4bit": (lambda: torch.ops.aten._dyn_quant_matmul_4bit(codes.float(), dyn, g, k, n), dyn),
         "starquant int4pack": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             codes.to(torch.bfloat16), int4pack, g, scales_and_zeros), int4pack),
         **({"starquant amx int4": (lambda: config._int4_codes_gemm(amx, g, int8_codes, ones, None, torch.bfloat16),
                                    amx.starquant_int4)} if amx is not None else {}),
-        "bf16 matmul": (lambda: codes.to(torch.bfloat16) @ dense.to(torch.bfloat16).t(), dense.to(torch.bfloat16)),
-        "fp32 matmul": (lambda: codes.float() @ dense.t(), dense),
+        "bf16 matmul": (lambda: codes_bf16 @ dense_bf16.t(), dense_bf16),
+        "fp32 matmul": (lambda: codes_fp32 @ dense.t(), dense),
     }
     reference = codes.float() @ dense.t()
     print(f"[{m} x {k}] @ [{k} x {n}], group {g}, {torch.get_num_threads()} threads")
