@@ -61,7 +61,6 @@ from ...checkpoint.config import StarQuantConfig as StarQuantBlock
 from ...checkpoint.schemes import INT4_CPU_GROUPS, enum_value
 from ...models.family import family_of, known_model_types
 from ...quantization.hadamard import rotation_block_for
-from ...quantization.quantizers import quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from . import ops  # noqa: F401  (registers torch.ops.starquant.*)
 from ..hardware import matmul_dtype
@@ -300,9 +299,12 @@ class StarQuantLinearMethod(LinearMethodBase):
         # Which integer GEMM takes this layer's codes (None: vLLM's own method, on what SGAT hands it).
         self.codes_gemm = ("amx_int4" if hasattr(layer, "starquant_int4_zeros") else "int4pack") if self.int4_group \
             else _int8_kernel_name(self.int8_codes_gemm)
-        # The AMX GEMMs take bf16 codes (the int4 one with its sentinel group): SGAT writes them so.
+        # The AMX GEMMs take bf16 codes (the int4 one with its sentinel group): our quantize op writes them so.
         self.codes_pad = {"amx_int4": self.int4_group, "amx_int8": 0}.get(self.codes_gemm) \
-            if self.sgat and self.params_dtype == torch.bfloat16 else None
+            if self.params_dtype == torch.bfloat16 else None
+        if self.int4_group is not None and not self.sgat:  # plain per-token codes: the same op, no shift or clip
+            self.plain_shift = torch.zeros(2, layer.input_size_per_partition)
+            self.plain_clip = torch.ones(2)
         if (self.sgat and self.activation_bits is not None and self.int8_codes_gemm is None
                 and self.int4_group is None and self.params_dtype == torch.bfloat16):
             _warn_inexact_codes_once(layer.prefix)
@@ -324,14 +326,8 @@ class StarQuantLinearMethod(LinearMethodBase):
             if self.online_smoothing:
                 x = x * layer.sgat_smoothing
             if self.activation_bits is not None:
-                if self.codes_pad is not None:
-                    codes, scales = torch.ops.starquant.sgat_quantize_padded(
-                        x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits,
-                        self.codes_pad)
-                else:
-                    codes, scales = torch.ops.starquant.sgat_quantize(
-                        x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block, self.activation_bits
-                    )
+                codes, scales = _quantize(x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block,
+                                          self.activation_bits, self.codes_pad)
                 if self.int8_codes_gemm is not None or self.int4_group is not None:
                     compensation = layer.sgat_compensation if self.add_compensation else None
                     if self.int4_group is not None:
@@ -344,12 +340,21 @@ class StarQuantLinearMethod(LinearMethodBase):
                 site = SGATSite(torch.ones_like(layer.sgat_shift[0]), layer.sgat_shift, layer.sgat_clip, self.rotation_block)
                 x = sgat_transform_input(x, context.states, site)
         elif self.int4_group is not None:  # plain per-token activation codes (no SGAT here)
-            codes, scales = quantize_per_token(x.float(), self.activation_bits)
+            states = torch.zeros(x.shape[:-1].numel(), dtype=torch.long)
+            codes, scales = _quantize(x, states, self.plain_shift, self.plain_clip, 0, self.activation_bits,
+                                      self.codes_pad)
             return _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
         output = self.inner.apply(layer, x, bias)
         if self.sgat and self.add_compensation:
             output = output + layer.sgat_compensation[context.states]
         return output
+
+
+def _quantize(x, states, shift, clip, rotation_block: int, bits: int, codes_pad: int | None):
+    """`sgat_quantize`'s int8 codes, or with `codes_pad` set the bf16 codes of `sgat_quantize_padded`."""
+    if codes_pad is None:
+        return torch.ops.starquant.sgat_quantize(x, states, shift, clip, rotation_block, bits)
+    return torch.ops.starquant.sgat_quantize_padded(x, states, shift, clip, rotation_block, bits, codes_pad)
 
 
 class InexactCodesWarning(UserWarning):
