@@ -521,12 +521,8 @@ def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tenso
     k = shape[-1]
     codes = codes.reshape(-1, k)
     if hasattr(layer, "starquant_int4_zeros"):
-        if codes.dtype == torch.bfloat16:  # `sgat_quantize_padded`'s rows: sentinel group included
-            rows = codes
-        else:
-            rows = codes.new_zeros((codes.shape[0], k + group), dtype=torch.bfloat16)
-            rows[:, :k] = codes
-            rows[:, k] = 127
+        # `sgat_quantize_padded`'s rows have the sentinel group already; int8 codes get it here.
+        rows = codes if codes.dtype == torch.bfloat16 else ops.with_sentinel(codes.to(torch.bfloat16), group)
         output = torch.ops._C.int4_scaled_mm_cpu(rows, layer.starquant_int4, layer.starquant_int4_zeros,
                                                  layer.starquant_int4_scales, None)
     else:

@@ -29,7 +29,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -101,12 +101,17 @@ def sgat_quantize_padded(
     quantizes its bf16 input per row itself (its scale is then 1 for every row, and the codes
     come back unchanged; the weights of the extra columns are zero)."""
     codes, scales = sgat_quantize_torch(x, states, shift, clip, rotation_block, bits)
-    return _with_sentinel(codes.to(torch.bfloat16), pad), scales
+    return with_sentinel(codes.to(torch.bfloat16), pad), scales
 
 
-def _with_sentinel(codes: torch.Tensor, pad: int) -> torch.Tensor:
+def _check_pad(pad: int) -> None:
     if pad < 0:
         raise ValueError(f"sgat_quantize_padded: pad {pad} < 0")
+
+
+def with_sentinel(codes: torch.Tensor, pad: int) -> torch.Tensor:
+    """bf16 codes [..., k] -> [..., k + pad]: a sentinel 127, then zeros (see `sgat_quantize_padded`)."""
+    _check_pad(pad)
     extra = codes.new_zeros((*codes.shape[:-1], pad))
     extra[..., :1] = 127
     return torch.cat([codes, extra], -1)
@@ -127,8 +132,7 @@ def sgat_quantize_cpu(
 
 def sgat_quantize_padded_cpu(x, states, shift, clip, rotation_block: int, bits: int, pad: int):
     """The C kernel of `starquant::sgat_quantize_padded` (same contract)."""
-    if pad < 0:
-        raise ValueError(f"sgat_quantize_padded: pad {pad} < 0")
+    _check_pad(pad)
     return _quantize_cpu(x, states, shift, clip, rotation_block, bits, torch.bfloat16, pad)
 
 
