@@ -18,9 +18,9 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: compare-dream compare-dream-second-model compare-second-model setup setup-compress setup-serve demo compare bench gpu-check gpu-wheels test test-compress test-serve clean
 
-# The C kernel of sgat_quantize on CPU (setup.py; optional: without a compiler the op runs its torch
+# The C kernels of the starquant ops on CPU (setup.py; optional: without a compiler the ops run their torch
 # code with a named warning), rebuilt in place when its source changes (both venvs are Python 3.11).
-SGAT_CPU_STAMP = $(VENV)/.built-sgat-cpu-$(shell cat setup.py starquant_plugin/serving/quantization/csrc/*.c | sha256sum | cut -c1-12)
+SGAT_CPU_STAMP = $(VENV)/.built-sgat-cpu-$(shell cat setup.py starquant_plugin/serving/quantization/csrc/*.[ch] | sha256sum | cut -c1-12)
 
 setup: setup-compress setup-serve $(SGAT_CPU_STAMP)
 setup-compress: $(COMPRESS)/.installed
@@ -33,7 +33,7 @@ $(COMPRESS)/.installed: requirements/compress.txt pyproject.toml
 	$(COMPRESS)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(SGAT_CPU_STAMP): setup.py starquant_plugin/serving/quantization/csrc/sgat_cpu.c | setup-serve
+$(SGAT_CPU_STAMP): setup.py $(wildcard starquant_plugin/serving/quantization/csrc/*.[ch]) | setup-serve
 	$(SERVE)/bin/python setup.py -q build_ext --inplace
 	rm -f $(VENV)/.built-sgat-cpu-*
 	touch $@

@@ -1,4 +1,4 @@
-"""Builds the optional C kernel of `starquant::sgat_quantize` on CPU (metadata: pyproject.toml).
+"""Builds the optional C kernels of the `starquant` ops on CPU (metadata: pyproject.toml).
 
 `optional=True`: where no C compiler is found the package installs without it, and the op
 runs its torch implementation with a named warning (starquant_plugin/serving/quantization/ops.py).
@@ -10,7 +10,9 @@ setup(
     ext_modules=[
         Extension(
             "starquant_plugin.serving.quantization._sgat_cpu",
-            sources=["starquant_plugin/serving/quantization/csrc/sgat_cpu.c"],
+            sources=["starquant_plugin/serving/quantization/csrc/sgat_cpu.c",
+                     "starquant_plugin/serving/quantization/csrc/int4_vnni.c"],
+            depends=["starquant_plugin/serving/quantization/csrc/int4_vnni.h"],
             extra_compile_args=["-O3", "-fno-math-errno", "-std=c11", "-fopenmp"],
             extra_link_args=["-fopenmp"],  # libgomp.so.1: under torch, the runtime torch loaded
             optional=True,

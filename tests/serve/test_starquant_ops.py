@@ -267,17 +267,23 @@ def test_wna16_embedding_cpu_lookup_dequantizes_the_packed_rows(bits, group):
     torch.testing.assert_close(got.float(), dense[ids].to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("amx", [False, True])
+def _int4_layout_runs(layout: str) -> bool:
+    from starquant_plugin.serving.quantization import config
+
+    return {"amx_int4": config.amx_int4_gemm(), "vnni_int4": ops.int4_vnni_supported()}.get(layout, True)
+
+
+@pytest.mark.parametrize("layout", ["int4pack", "vnni_int4", "amx_int4"])
 @pytest.mark.parametrize("bits, clip", [(8, 1.0), (8, 1.5), (4, 1.0)])
-def test_int4_codes_gemm_takes_the_codes_exactly(amx, bits, clip):
+def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     """Packed int4 weights times activation codes of any bit width and clip (a clip above 1 leaves
     every code below the grid's top), all-zero rows included: the output is the exact integer
     product scaled per token, up to the bf16 roundings of the kernel's output and of the scaling.
     The AMX kernel quantizes its input per row itself; its sentinel column is what makes that exact."""
     from starquant_plugin.serving.quantization import config
 
-    if amx and not config.amx_int4_gemm():
-        pytest.skip("vLLM's AMX W4A8 kernel needs a CPU with AMX")
+    if not _int4_layout_runs(layout):
+        pytest.skip(f"{layout} needs a CPU with {'AMX' if layout == 'amx_int4' else 'AVX512-VNNI'}")
     g = torch.Generator().manual_seed(bits)
     n, k, group, tokens = 64, 256, 64, 9
     weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -287,15 +293,53 @@ def test_int4_codes_gemm_takes_the_codes_exactly(amx, bits, clip):
     codes[0] = 0
     scales = torch.rand(tokens, 1, generator=g) + 0.5
     layer = torch.nn.Module()
-    for name, tensor in config.pack_int4(weight, weight_scale, group, amx=amx).items():
+    for name, tensor in config.pack_int4(weight, weight_scale, group, layout).items():
         layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     states = torch.arange(tokens) % 2
     compensation = torch.randn(2, n, generator=g).to(torch.bfloat16)
-    got = config._int4_codes_gemm(layer, group, codes, scales, None, torch.bfloat16, compensation, states).float()
-    dense = weight.double() * weight_scale.to(torch.bfloat16).double().repeat_interleave(group, 1)
+    got = config._int4_codes_gemm(layer, group, layout, codes, scales, None, torch.bfloat16, compensation, states).float()
+    # The AMX and int4pack kernels hold the group scales in bf16, ours in float32.
+    held_scale = weight_scale.double() if layout == "vnni_int4" else weight_scale.to(torch.bfloat16).double()
+    dense = weight.double() * held_scale.repeat_interleave(group, 1)
     exact = (codes.double() @ dense.t()) * scales.double()
     assert torch.equal(got[0], compensation[0].float())  # an all-zero row: only its compensation
     error = (got.double() - compensation.double()[states] - exact).abs()
     # Two bf16 roundings of the product (2 * 2^-9 relative) plus one of the sum with the compensation.
     bound = 2 ** -8 * exact.abs() + 2 ** -8 * (exact.abs() + compensation.double().abs()[states]) + 1e-6
     assert (error <= bound).all(), (error / bound).max()
+
+
+@pytest.mark.parametrize("tokens, n, k, group", [(1, 32, 64, 32), (13, 96, 512, 128), (40, 64, 512, 256), (8, 32, 192, 64)])
+def test_int4_mm_kernel_sums_each_group_exactly(tokens, n, k, group):
+    """`starquant::int4_mm`'s C kernel (AVX512-VNNI) against the exact product in float64: every
+    group's integer sum is exact, so a float32 output differs from it only by float32 rounding
+    of the group scaling; bf16 outputs by one bf16 rounding of the result with the compensation
+    added; rows past the last whole tile of 8 included. The packing round-trips."""
+    if not ops.int4_vnni_supported():
+        pytest.skip("the int4_mm C kernel needs a CPU with AVX512-VNNI")
+    g = torch.Generator().manual_seed(n + k)
+    weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    weight[0] = -8  # the extremes of both operands
+    weight[1] = 7
+    codes = torch.randint(-127, 128, (tokens, k), generator=g, dtype=torch.int8)
+    codes[-1] = -127
+    group_scales = torch.rand(k // group, n, generator=g) * 0.01 + 0.001
+    row_scales = torch.rand(tokens, generator=g) + 0.5
+    states = torch.randint(0, 2, (tokens,), generator=g)
+    table = torch.randn(2, n, generator=g)
+    packed = ops.pack_int4_vnni(weight)
+    assert packed.shape == (n // 16, k // 8, 16, 4) and torch.equal(ops.unpack_int4_vnni(packed), weight)
+    exact = torch.einsum("tgi,ngi,gn->tn", codes.double().view(tokens, -1, group), weight.double().view(n, -1, group),
+                         group_scales.double()) * row_scales.double()[:, None]
+    got = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, row_scales, table, states, torch.float32)
+    expected = exact + table.double()[states]
+    assert ((got.double() - expected).abs() <= 1e-5 * expected.abs() + 1e-5).all()
+    got_bf16 = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, row_scales, table.bfloat16(), states,
+                                           torch.bfloat16)
+    expected_bf16 = exact + table.bfloat16().double()[states]
+    assert ((got_bf16.double() - expected_bf16).abs() <= 2 ** -8 * expected_bf16.abs() + 1e-5).all()
+    plain = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, None, None, None, torch.float16)
+    assert plain.dtype == torch.float16
+    torch.testing.assert_close(plain.double(), exact / row_scales.double()[:, None], rtol=1e-3, atol=1e-3)
+    torch.library.opcheck(torch.ops.starquant.int4_mm.default,
+                          (codes, packed, group_scales, group, row_scales, table, states, torch.float32))

@@ -29,7 +29,9 @@ W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torc
 layer keeps its int4 weights packed instead and multiplies the codes (exact in bf16) by them,
 then scales each token's row: y = scale_t * (codes @ W_int4 * s_group). On AMX CPUs the GEMM
 is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, which quantizes its input itself: a sentinel
-column makes that exact, see `_int4_codes_gemm`); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
+column makes that exact, see `_int4_codes_gemm`); on CPUs with AVX512-VNNI and no AMX our own
+(`starquant::int4_mm`: int8 dot products, exact int32 sums per group, the per-token scales and the
+compensation in its epilogue); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
 quantize each rank's input slice per token, as vLLM's kernels do.
@@ -280,7 +282,8 @@ class StarQuantLinearMethod(LinearMethodBase):
             layer.register_buffer("tac_bucket_edges", edges, persistent=False)
 
     def process_weights_after_loading(self, layer) -> None:
-        self.int4_group = _pack_cpu_int4(layer) if self.activation_bits in (4, 8) else None
+        int4 = _pack_cpu_int4(layer) if self.activation_bits in (4, 8) else None
+        self.int4_group, int4_layout = int4 if int4 is not None else (None, None)
         scheme = type(getattr(layer, "scheme", None)).__name__
         if self.int4_group is None and not layer_is_cuda(layer) and (
             self.activation_bits == 4 or scheme in _WEIGHT_ONLY_KERNEL_ON_CPU
@@ -297,8 +300,7 @@ class StarQuantLinearMethod(LinearMethodBase):
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
         self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
         # Which integer GEMM takes this layer's codes (None: vLLM's own method, on what SGAT hands it).
-        self.codes_gemm = ("amx_int4" if hasattr(layer, "starquant_int4_zeros") else "int4pack") if self.int4_group \
-            else _int8_kernel_name(self.int8_codes_gemm)
+        self.codes_gemm = int4_layout or _int8_kernel_name(self.int8_codes_gemm)
         # The AMX GEMMs take bf16 codes (the int4 one with its sentinel group): our quantize op writes them so.
         self.codes_pad = {"amx_int4": self.int4_group, "amx_int8": 0}.get(self.codes_gemm) \
             if self.params_dtype == torch.bfloat16 else None
@@ -331,8 +333,8 @@ class StarQuantLinearMethod(LinearMethodBase):
                 if self.int8_codes_gemm is not None or self.int4_group is not None:
                     compensation = layer.sgat_compensation if self.add_compensation else None
                     if self.int4_group is not None:
-                        return _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype, compensation,
-                                                context.states)
+                        return _int4_codes_gemm(layer, self.int4_group, self.codes_gemm, codes, scales, bias, x.dtype,
+                                                compensation, context.states)
                     return _int8_codes_gemm(self.int8_codes_gemm, layer, codes, scales, bias, x.dtype, compensation,
                                             context.states)
                 x = (codes.float() * scales).to(x.dtype)
@@ -343,7 +345,7 @@ class StarQuantLinearMethod(LinearMethodBase):
             states = torch.zeros(x.shape[:-1].numel(), dtype=torch.long)
             codes, scales = _quantize(x, states, self.plain_shift, self.plain_clip, 0, self.activation_bits,
                                       self.codes_pad)
-            return _int4_codes_gemm(layer, self.int4_group, codes, scales, bias, x.dtype)
+            return _int4_codes_gemm(layer, self.int4_group, self.codes_gemm, codes, scales, bias, x.dtype)
         output = self.inner.apply(layer, x, bias)
         if self.sgat and self.add_compensation:
             output = output + layer.sgat_compensation[context.states]
@@ -435,15 +437,16 @@ def layer_is_cuda(layer) -> bool:
     return any(p.is_cuda for p in layer.parameters(recurse=False))
 
 
-def _pack_cpu_int4(layer) -> int | None:
+def _pack_cpu_int4(layer) -> tuple[int, str] | None:
     """Repack a CPU layer's int4 weights for our int4 GEMM, freeing vLLM's copies; returns the
-    group size, or None where this path does not apply (GPU, another scheme, unsupported shapes)
-    and vLLM's kernel is kept. The weights come as vLLM's W4A8Int holds them (`int-quantized`:
+    group size and the GEMM (`int4_layout`), or None where this path does not apply (GPU, another
+    scheme, unsupported shapes) and vLLM's kernel is kept. The weights come as vLLM's W4A8Int holds them (`int-quantized`:
     int8 values in [-8, 7]) or as WNA8Int does (`pack-quantized`: eight values per int32,
     unpacked with compressed-tensors' own `unpack_from_int32`).
 
     On AMX CPUs the GEMM is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, AWQ-blocked weights),
-    with one zero-weight group appended (see `_int4_codes_gemm`); elsewhere torch's
+    with one zero-weight group appended (see `_int4_codes_gemm`); on AVX512-VNNI CPUs
+    `starquant::int4_mm` (`ops.pack_int4_vnni`, float32 group scales); elsewhere torch's
     `_weight_int4pack_mm_for_cpu` (two values per byte, bf16 group scales)."""
     scheme = getattr(layer, "scheme", None)
     kernel = type(getattr(scheme, "kernel", None)).__name__
@@ -464,18 +467,40 @@ def _pack_cpu_int4(layer) -> int | None:
     for name in ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
         if name in layer._parameters:
             layer._parameters[name] = None
-    for name, tensor in pack_int4(weight, weight_scale, group, amx=amx_int4_gemm() and n % AMX_INT4_BLOCK_N == 0).items():
+    layout = int4_layout(n)
+    for name, tensor in pack_int4(weight, weight_scale, group, layout).items():
         layer.register_parameter(name, Parameter(tensor, requires_grad=False))
-    return group
+    return group, layout
 
 
-def pack_int4(weight: torch.Tensor, weight_scale: torch.Tensor, group: int, amx: bool) -> dict[str, torch.Tensor]:
+# The CPU int4 GEMMs, fastest first (`int4_layout`); `model_info()["codes_gemm"]` names them.
+INT4_LAYOUTS = ("amx_int4", "vnni_int4", "int4pack")
+
+
+def int4_layout(n: int) -> str:
+    """The int4 GEMM for a layer of `n` output channels on this CPU: vLLM's AMX W4A8 kernel
+    (`amx_int4`, n a multiple of its 32-channel tiles), ours on AVX512-VNNI (`vnni_int4`: 1.8x the
+    bf16 GEMM at 512 tokens on an AMD EPYC with AVX512-BF16, docs/performance.md; n a multiple of
+    32), else torch's (`int4pack`)."""
+    if amx_int4_gemm() and n % AMX_INT4_BLOCK_N == 0:
+        return "amx_int4"
+    if ops.int4_vnni_supported() and n % 32 == 0:
+        return "vnni_int4"
+    return "int4pack"
+
+
+def pack_int4(weight: torch.Tensor, weight_scale: torch.Tensor, group: int, layout: str) -> dict[str, torch.Tensor]:
     """int4 values [n, k] in [-8, 7] and scales [n, k / group] -> the tensors `_int4_codes_gemm`
-    reads: `starquant_int4` and `starquant_int4_scales`, plus `starquant_int4_zeros` for the AMX
-    kernel (`amx`; see `_amx_int4_pack`)."""
-    if amx:
+    reads for `layout` (`INT4_LAYOUTS`): `starquant_int4` and `starquant_int4_scales`, plus
+    `starquant_int4_zeros` for the AMX kernel (see `_amx_int4_pack`)."""
+    if layout == "amx_int4":
         packed, zeros, scales = _amx_int4_pack(weight, weight_scale, group)
         return {"starquant_int4": packed, "starquant_int4_scales": scales, "starquant_int4_zeros": zeros}
+    if layout == "vnni_int4":
+        return {"starquant_int4": ops.pack_int4_vnni(weight),
+                "starquant_int4_scales": weight_scale.float().t().contiguous()}  # [k / group, n]
+    if layout != "int4pack":
+        raise ValueError(f"int4 layout {layout!r}: expected one of {INT4_LAYOUTS}")
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight.int() + 8).contiguous(), 2)
     scales = weight_scale.t().to(torch.bfloat16)  # [k / group, n]
     # The kernel computes (q - 8) * scale + zero for the stored q = w + 8: zero 0 gives w * scale.
@@ -509,18 +534,24 @@ def _amx_int4_pack(weight: torch.Tensor, weight_scale: torch.Tensor, group: int)
     return vllm_ops.convert_weight_packed_scale_zp(packed, zeros, scales, vllm_ops.CPUQuantAlgo.AWQ)
 
 
-def _int4_codes_gemm(layer, group: int, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
+def _int4_codes_gemm(layer, group: int, layout: str, codes: torch.Tensor, scales: torch.Tensor, bias, dtype,
                      compensation: torch.Tensor | None = None, states: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes [..., k] (or, for the AMX kernel, `sgat_quantize_padded`'s bf16 rows [..., k + group])
-    with per-token scales [..., 1] times the packed int4 weights -> [..., n], plus SGAT's
-    per-state `compensation` [2, n] (None: none here). The codes go in as bf16
-    (|codes| <= 127: exact). The AMX kernel quantizes its input per row itself (scale = the row's
+    with per-token scales [..., 1] times the int4 weights packed for `layout` -> [..., n], plus
+    SGAT's per-state `compensation` [2, n] (None: none here). `vnni_int4` takes the int8 codes and
+    does the rest in its epilogue; the others take the codes as bf16 (|codes| <= 127: exact). The AMX kernel quantizes its input per row itself (scale = the row's
     |max| / 127): a sentinel 127 in the appended zero-weight group makes that scale exactly 1
     for every row, so it recovers the codes of any bit width and clip, and all-zero rows."""
     shape = codes.shape
     k = shape[-1]
     codes = codes.reshape(-1, k)
-    if hasattr(layer, "starquant_int4_zeros"):
+    if layout == "vnni_int4":  # the scales, the compensation and the output dtype in the GEMM's epilogue
+        output = torch.ops.starquant.int4_mm(codes, layer.starquant_int4, layer.starquant_int4_scales, group, scales,
+                                             compensation, states if compensation is not None else None, dtype)
+        if bias is not None:
+            output += bias
+        return output.reshape(*shape[:-1], output.shape[-1])
+    if layout == "amx_int4":
         # `sgat_quantize_padded`'s rows have the sentinel group already; int8 codes get it here.
         rows = codes if codes.dtype == torch.bfloat16 else ops.with_sentinel(codes.to(torch.bfloat16), group)
         output = torch.ops._C.int4_scaled_mm_cpu(rows, layer.starquant_int4, layer.starquant_int4_zeros,

@@ -12,8 +12,11 @@ compilation can trace them (fake implementations give shapes and dtypes).
 - `add_state_rows(output, row_scales, table, states)`: `output = output * row_scales +
   table[states]` in place (either term None): per-token scales of a GEMM's output, SGAT's
   per-state compensation.
+- `int4_mm(codes, packed, scales, group, row_scales, table, states, dtype)`: int8 codes times int4
+  weights packed by `pack_int4_vnni`, with group scales, then `add_state_rows`'s epilogue: the W4A8 /
+  W4A4 GEMM of CPUs with AVX512-VNNI and no AMX (`csrc/int4_vnni.c`: exact int32 sums per group).
 
-On CPU `sgat_quantize`, `sgat_quantize_padded` and `add_state_rows` run the C kernels built with the package
+On CPU `sgat_quantize`, `sgat_quantize_padded`, `add_state_rows` and `int4_mm` run the C kernels built with the package
 (`csrc/sgat_cpu.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
 kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
 device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
@@ -29,7 +32,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_vnni_supported", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -210,6 +213,95 @@ def add_state_rows_cpu(output: torch.Tensor, row_scales: torch.Tensor | None, ta
                              rows, width, torch.get_num_threads())
 
 
+def pack_int4_vnni(weight: torch.Tensor) -> torch.Tensor:
+    """int4 values [n, k] in [-8, 7] (n a multiple of 16, k of 8) -> `int4_mm`'s packed weights, uint8
+    [n / 16, k / 8, 16, 4]: byte [c, i] of block (j, q) holds w[16 j + c, 8 q + i] + 8 in its low
+    nibble and w[16 j + c, 8 q + 4 + i] + 8 in its high one (csrc/int4_vnni.c)."""
+    n, k = weight.shape
+    if n % 16 or k % 8:
+        raise ValueError(f"pack_int4_vnni: weight [{n}, {k}] needs n a multiple of 16 and k of 8")
+    stored = (weight.to(torch.int16) + 8).to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)
+    return (stored[..., 0, :] | (stored[..., 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int4_vnni(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int4_vnni`'s inverse: int8 values [n, k] in [-8, 7]."""
+    blocks, steps = packed.shape[:2]
+    halves = torch.stack([packed & 15, packed >> 4], dim=2)  # [n / 16, k / 8, 2, 16, 4]
+    return (halves.permute(0, 3, 1, 2, 4).reshape(blocks * 16, steps * 8).to(torch.int16) - 8).to(torch.int8)
+
+
+@torch.library.custom_op("starquant::int4_mm", mutates_args=())
+def int4_mm(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int,
+            row_scales: torch.Tensor | None, table: torch.Tensor | None, states: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes [m, k] times int4 weights [n, k] (`pack_int4_vnni`) with float32 group scales
+    [k / group, n] -> [m, n] in `dtype`, each row times `row_scales` [m] and plus `table[states]`
+    (table [2, n] in `dtype`; either None). Computed in float32 from the dequantized weights here;
+    the C kernel sums each group exactly in int32."""
+    return _int4_mm_torch(codes, packed, scales, group, row_scales, table, states, dtype)
+
+
+def _int4_mm_torch(codes, packed, scales, group: int, row_scales, table, states, dtype) -> torch.Tensor:
+    weight = unpack_int4_vnni(packed).float() * scales.t().repeat_interleave(group, 1)
+    output = (codes.float() @ weight.t()).to(dtype)
+    _add_state_rows_torch(output, row_scales, table, states)
+    return output
+
+
+@int4_mm.register_fake
+def _(codes, packed, scales, group, row_scales, table, states, dtype):
+    return codes.new_empty((codes.shape[0], packed.shape[0] * 16), dtype=dtype)
+
+
+def int4_vnni_supported() -> bool:
+    """Whether `int4_mm` runs its C kernel on this CPU (AVX512-VNNI; the C extension built)."""
+    try:
+        from . import _sgat_cpu
+    except ImportError:
+        return False
+    return _sgat_cpu.int4_vnni_supported()
+
+
+def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dtype):
+    """The C kernel of `starquant::int4_mm` (same contract) where the CPU has AVX512-VNNI and the
+    shapes fit it (n a multiple of 32, group of 8); the torch code otherwise."""
+    from . import _sgat_cpu
+
+    m, k = codes.shape
+    n = packed.shape[0] * 16
+    if not (int4_vnni_supported() and n % 32 == 0 and group % 8 == 0 and k % group == 0):
+        return _int4_mm_torch(codes, packed, scales, group, row_scales, table, states, dtype)
+    if dtype not in (torch.float32, torch.bfloat16):  # float16: the kernel writes float32, cast once
+        table = table.float() if table is not None else None
+        return int4_mm_cpu(codes, packed, scales, group, row_scales, table, states, torch.float32).to(dtype)
+    table = table.to(dtype) if table is not None else None
+    _check_shape("packed", tuple(packed.shape), (n // 16, k // 8, 16, 4))
+    _check_shape("scales", tuple(scales.shape), (k // group, n))
+    if packed.dtype != torch.uint8 or codes.dtype != torch.int8:
+        raise ValueError(f"int4_mm: codes int8 and packed uint8 expected, got {codes.dtype} and {packed.dtype}")
+    if row_scales is not None:
+        _check_shape("row_scales", row_scales.numel(), m)
+    if table is not None:
+        _check_shape("table", tuple(table.shape), (2, n))
+        _check_shape("states", states.numel(), m)
+    codes, packed, scales = codes.contiguous(), packed.contiguous(), scales.float().contiguous()
+    row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
+    table = table.contiguous() if table is not None else None
+    states = states.reshape(-1).long().contiguous() if table is not None else None
+    output = torch.empty((m, n), dtype=dtype)
+    padded = (m + 7) // 8 * 8  # the kernel's scratch: the codes regrouped by tiles of 8 rows, their group sums
+    code_sums, tiles = torch.empty((padded, k // group), dtype=torch.int32), torch.empty((padded, k), dtype=torch.int8)
+    if m:
+        _sgat_cpu.int4_vnni_mm(codes.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                               row_scales.data_ptr() if row_scales is not None else 0,
+                               table.data_ptr() if table is not None else 0,
+                               states.data_ptr() if table is not None else 0, output.data_ptr(), code_sums.data_ptr(),
+                               tiles.data_ptr(),
+                               m, n, k, group, int(dtype == torch.bfloat16), torch.get_num_threads())
+    return output
+
+
 def _check_shape(name: str, got, expected) -> None:
     if got != expected:
         raise ValueError(f"starquant op: {name} has shape/size {got}, expected {expected}")
@@ -224,6 +316,7 @@ def _register_cpu_kernel() -> bool:
     sgat_quantize.register_kernel("cpu")(sgat_quantize_cpu)
     sgat_quantize_padded.register_kernel("cpu")(sgat_quantize_padded_cpu)
     add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
+    int4_mm.register_kernel("cpu")(int4_mm_cpu)
     return True
 
 

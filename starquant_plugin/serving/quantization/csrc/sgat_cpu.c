@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "int4_vnni.h"
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -350,6 +351,29 @@ static PyObject *add_state_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *int4_vnni_mm_entry(PyObject *self, PyObject *args) {
+    unsigned long long codes, packed, scales, row_scales, table, states, out, code_sums, tiles;
+    long long m, n, k, group;
+    int bf16, threads, failed;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLii", &codes, &packed, &scales, &row_scales, &table, &states, &out, &code_sums, &tiles,
+                          &m, &n, &k, &group, &bf16, &threads))
+        return NULL;
+    Int4VnniTask task = {(const int8_t *)codes, (const uint8_t *)packed, (const float *)scales, (const float *)row_scales,
+                         (const void *)table, (const int64_t *)states, (void *)out, (int32_t *)code_sums, (int8_t *)tiles, m, n, k, group,
+                         bf16};
+    Py_BEGIN_ALLOW_THREADS
+    failed = int4_vnni_mm(&task, threads);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "int4_vnni_mm: no AVX512-VNNI on this CPU, or n not a multiple of 32, or the "
+                                          "group not a multiple of 8 dividing k");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *int4_vnni_supported_entry(PyObject *self, PyObject *args) { return PyBool_FromLong(int4_vnni_supported()); }
+
 static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
      "quantize(x, dtype, states, shift, clip, codes, codes_dtype, codes_width, scales, tokens, width, block, qmax, "
@@ -358,6 +382,11 @@ static PyMethodDef methods[] = {
     {"add_state_rows", add_state_rows, METH_VARARGS,
      "add_state_rows(out, dtype, scales, table, states, rows, width, threads): out[r] = out[r] * scales[r] + "
      "table[states[r] != 0] in place (scales, table: 0 for none), in float32, rounded once to bf16 as torch rounds."},
+    {"int4_vnni_mm", int4_vnni_mm_entry, METH_VARARGS,
+     "int4_vnni_mm(codes, packed, scales, row_scales, table, states, out, code_sums, tiles, m, n, k, group, bf16, "
+     "threads): "
+     "the AVX512-VNNI W4A8 GEMM of int4_vnni.c on addresses of contiguous buffers (row_scales, table: 0 for none)."},
+    {"int4_vnni_supported", int4_vnni_supported_entry, METH_NOARGS, "Whether this CPU runs int4_vnni_mm."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
