@@ -8,6 +8,9 @@
   `_weight_int4pack_mm_for_cpu` on int8 codes in bf16, packed int4 weights, bf16 group scales);
 - `starquant amx int4`: its path on AMX CPUs (vLLM's AMX W4A8 GEMM `int4_scaled_mm_cpu` with the
   sentinel column, then the per-token scales), the whole `_int4_codes_gemm` call;
+- `starquant vnni int4`: its path on AVX512-VNNI CPUs without AMX (`starquant::int4_mm`, the
+  per-token scales in its epilogue), the whole `_int4_codes_gemm` call;
+- `onednn int8 (W8A8)`: vLLM's oneDNN int8 GEMM on the same codes with int8 weights, for scale;
 - `bf16 matmul` / `fp32 matmul`: the unquantized baselines.
 Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident bytes per weight.
 """
@@ -16,7 +19,9 @@ import argparse
 
 import torch
 
-from starquant_plugin.serving.quantization import config  # the serving path's int4 GEMMs
+from vllm import _custom_ops as vllm_ops
+
+from starquant_plugin.serving.quantization import config, ops  # the serving path's int4 GEMMs
 from timing import timed  # examples/timing.py
 
 
@@ -38,21 +43,30 @@ def main() -> None:
     int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu((weight + 8).contiguous(), 2)
     scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).to(torch.bfloat16).contiguous()
     dense = weight.float() * scales.repeat_interleave(g, 1)
-    amx = None
-    if config.amx_int4_gemm():
-        amx = torch.nn.Module()
-        for name, tensor in config.pack_int4(weight, scales, g, amx=True).items():
-            amx.register_buffer(name, tensor)
+    packed = {}
+    for layout in ("amx_int4", "vnni_int4"):
+        if config.int4_layout(n) == layout or (layout == "vnni_int4" and ops.int4_vnni_supported()):
+            packed[layout] = torch.nn.Module()
+            for name, tensor in config.pack_int4(weight, scales, g, layout).items():
+                packed[layout].register_buffer(name, tensor)
+    if "amx_int4" in packed:
         dense = weight.float() * scales.to(torch.bfloat16).float().repeat_interleave(g, 1)  # its scales are bf16
     ones, int8_codes = torch.ones(m, 1), codes.to(torch.int8)
+    int8_weight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    onednn = vllm_ops.create_onednn_scaled_mm(int8_weight.t(), torch.rand(n, 1) * 0.01, torch.bfloat16, True, False)
+    onednn_out = torch.empty(m, n, dtype=torch.bfloat16)
     # The baselines' operands in their dtype once, as a served layer holds them.
     codes_bf16, codes_fp32, dense_bf16 = codes.to(torch.bfloat16), codes.float(), dense.to(torch.bfloat16)
     rows = {
         "vllm dynamic_4bit": (lambda: torch.ops.aten._dyn_quant_matmul_4bit(codes.float(), dyn, g, k, n), dyn),
         "starquant int4pack": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             codes.to(torch.bfloat16), int4pack, g, scales_and_zeros), int4pack),
-        **({"starquant amx int4": (lambda: config._int4_codes_gemm(amx, g, int8_codes, ones, None, torch.bfloat16),
-                                   amx.starquant_int4)} if amx is not None else {}),
+        **{f"starquant {layout.replace('_', ' ')}": (
+            lambda layer=layer, layout=layout: config._int4_codes_gemm(layer, g, layout, int8_codes, ones, None,
+                                                                        torch.bfloat16), layer.starquant_int4)
+           for layout, layer in packed.items()},
+        "onednn int8 (W8A8)": (lambda: vllm_ops.onednn_scaled_mm(onednn, int8_codes, onednn_out, ones, None, None, None),
+                               int8_weight),
         "bf16 matmul": (lambda: codes_bf16 @ dense_bf16.t(), dense_bf16),
         "fp32 matmul": (lambda: codes_fp32 @ dense.t(), dense),
     }
@@ -61,8 +75,10 @@ def main() -> None:
     print(f"{'kernel':<20} {'s/call':>8} {'GFLOP/s':>8} {'bytes/weight':>12} {'rel. error':>10}")
     for name, (fn, resident) in rows.items():
         seconds = timed(fn, repeats=1 if name.startswith("vllm") else 3)
-        error = ((fn().float() - reference).abs().mean() / reference.abs().mean()).item()
+        # (the W8A8 row multiplies other weights: its error is not comparable)
+        error = ((fn().float() - reference).abs().mean() / reference.abs().mean()).item() if "W8A8" not in name else float("nan")
         nbytes = resident.numel() * resident.element_size() + (scales_and_zeros.numel() * 2 if "int4" in name else 0)
+        nbytes += n if "W8A8" in name else 0  # per-channel scales
         print(f"{name:<20} {seconds:>8.3f} {2 * m * n * k / seconds / 1e9:>8.1f} {nbytes / (n * k):>12.3f} {error:>10.4f}")
 
 
