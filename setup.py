@@ -12,7 +12,8 @@ setup(
             "starquant_plugin.serving.quantization._sgat_cpu",
             sources=["starquant_plugin/serving/quantization/csrc/sgat_cpu.c",
                      "starquant_plugin/serving/quantization/csrc/int4_vnni.c"],
-            depends=["starquant_plugin/serving/quantization/csrc/int4_vnni.h"],
+            depends=["starquant_plugin/serving/quantization/csrc/int4_vnni.h",
+                     "starquant_plugin/serving/quantization/csrc/vec16.h"],
             extra_compile_args=["-O3", "-fno-math-errno", "-std=c11", "-fopenmp"],
             extra_link_args=["-fopenmp"],  # libgomp.so.1: under torch, the runtime torch loaded
             optional=True,

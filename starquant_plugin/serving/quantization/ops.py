@@ -24,6 +24,7 @@ runs the core's torch code. The kernels sum each rotation in another order than 
 matmul: a value within float32 rounding of a half-code boundary may take the neighbouring code.
 """
 
+import functools
 import warnings
 
 import torch
@@ -254,6 +255,7 @@ def _(codes, packed, scales, group, row_scales, table, states, dtype):
     return codes.new_empty((codes.shape[0], packed.shape[0] * 16), dtype=dtype)
 
 
+@functools.cache
 def int4_vnni_supported() -> bool:
     """Whether `int4_mm` runs its C kernel on this CPU (AVX512-VNNI; the C extension built)."""
     try:

@@ -18,6 +18,7 @@
  * tokens on an AMD EPYC (Zen 4), on a par with vLLM's oneDNN int8 GEMM (docs/performance.md).
  */
 #include "int4_vnni.h"
+#include "vec16.h"
 
 #include <omp.h>
 #include <stdlib.h>
@@ -44,17 +45,6 @@ int int4_vnni_supported(void) {
 }
 
 #if VNNI_KERNEL
-
-/* Rounded to the nearest even bf16 as torch rounds (NaN: 0x7fc0). */
-VNNI_TARGET static inline __attribute__((always_inline)) __m256i to_bf16(__m512 x) {
-    __m512i bits = _mm512_castps_si512(x);
-    __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)),
-                         _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(rounded);
-}
 
 /* Two dot-product steps of tile row R into its accumulators c<R>0 (columns 0-15) and c<R>1 (16-31). */
 #define ROW_STEP(R)                                                                                     \
@@ -121,11 +111,8 @@ VNNI_TARGET static void tile(const Int4VnniTask *t, int64_t tile_index, int64_t 
             const int64_t c = col + 16 * v, at = out_row * t->n + c;
             __m512 value = _mm512_mul_ps(_mm512_load_ps(sums + r * PANEL + 16 * v), scale);
             if (t->bf16) {
-                if (t->table) {
-                    const __m256i add = _mm256_loadu_si256((const __m256i *)((const uint16_t *)t->table + state * t->n + c));
-                    value = _mm512_add_ps(value, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(add), 16)));
-                }
-                _mm256_storeu_si256((__m256i *)((uint16_t *)t->out + at), to_bf16(value));
+                if (t->table) value = _mm512_add_ps(value, (__m512)widen16((const uint16_t *)t->table + state * t->n + c));
+                narrow16((v16f)value, (uint16_t *)t->out + at);
             } else {
                 if (t->table) value = _mm512_add_ps(value, _mm512_loadu_ps((const float *)t->table + state * t->n + c));
                 _mm512_storeu_ps((float *)t->out + at, value);

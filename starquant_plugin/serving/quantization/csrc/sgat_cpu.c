@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "int4_vnni.h"
+#include "vec16.h"
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -51,25 +52,6 @@ typedef struct {
     int64_t width;
 } AddRowsTask;
 
-/* The bits of `value` as type T (GNU statement expression). */
-#define BITCAST(T, value)                  \
-    ({                                     \
-        __typeof__(value) from_ = (value); \
-        T to_;                             \
-        memcpy(&to_, &from_, sizeof to_);  \
-        to_;                               \
-    })
-
-static inline __attribute__((always_inline)) float bf16_to_float(uint16_t value) {
-    return BITCAST(float, (uint32_t)value << 16);
-}
-
-/* Rounded to the nearest even bf16 as torch rounds (NaN: 0x7fc0). */
-static inline __attribute__((always_inline)) uint16_t float_to_bf16(float x) {
-    uint32_t bits = BITCAST(uint32_t, x);
-    return x != x ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
 MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t width, const float *shift, float *v) {
     if (dtype == DTYPE_BFLOAT16) {
         const uint16_t *in = (const uint16_t *)x + row * width;
@@ -91,9 +73,6 @@ MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t
                 (b)[j + half] = a_ - c_;                          \
             }
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 /* Butterfly stages of half-width 1, 2, 4, 8 inside one 16-float vector: lane j takes
  * x[j] + x[j ^ h] (lower lane of the pair) or x[j ^ h] - x[j] (upper), i.e. (a + c, a - c). */
 #define STAGE(x, h)                                                                                           \
@@ -108,29 +87,6 @@ typedef int32_t v16i __attribute__((vector_size(64)));
                            (15 & h) ? -1.f : 1.f};                                                            \
         x = x * sign + __builtin_shuffle(x, partner);                                                         \
     } while (0)
-
-typedef uint16_t v16h __attribute__((vector_size(32)));
-
-/* Non-negative floats order as their bit patterns: |x| and max compare as integers. */
-static inline __attribute__((always_inline)) v16i as_int(v16f x) { return BITCAST(v16i, x); }
-
-static inline __attribute__((always_inline)) v16f as_float(v16i bits) { return BITCAST(v16f, bits); }
-
-typedef uint32_t v16u __attribute__((vector_size(64)));
-
-/* 16 bf16 values widened to float32, and float32 rounded to bf16 as float_to_bf16 does. */
-static inline __attribute__((always_inline)) v16f widen16(const uint16_t *in) {
-    v16h half;
-    memcpy(&half, in, sizeof half);
-    return as_float(__builtin_convertvector(half, v16i) << 16);
-}
-
-static inline __attribute__((always_inline)) void narrow16(v16f x, uint16_t *out) {
-    v16u bits = BITCAST(v16u, x);
-    v16u rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16, nan = (v16u)(x != x);
-    v16h half = __builtin_convertvector((nan & 0x7fc0) | (~nan & rounded), v16h);
-    memcpy(out, &half, sizeof half);
-}
 
 /* 16 inputs from column c, in float32, minus the shift. */
 static inline __attribute__((always_inline)) v16f load16(const void *x, int dtype, int64_t offset, const float *shift) {
