@@ -40,12 +40,13 @@ def test_sgat_quantize_equals_core_transform_then_clipped_per_token_quantizer():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens, width, block, bits", [
     (37, 4096, 128, 8), (5, 512, 256, 8), (16, 96, 32, 8), (9, 48, 16, 4), (7, 40, 8, 8), (3, 6, 2, 8),
-    (20, 100, 0, 8), (20, 128, 0, 8), (11, 2048, 1024, 4), (3, 4096, 2048, 8), (0, 64, 32, 8),
+    (20, 100, 0, 8), (20, 128, 0, 8), (11, 2048, 1024, 4), (3, 4096, 2048, 8), (0, 64, 32, 8), (6, 1024, 64, 8),
+    (4, 1536, 512, 4),
 ])
 def test_cpu_kernel_matches_the_core_maths(dtype, tokens, width, block, bits):
     """The C kernel (built by `make setup`) against the core's torch maths: every shape class it
-    has a path for (blocks of 16+ columns in vectors, narrower blocks, no rotation), bf16/fp32/fp16
-    inputs, 4 and 8 bits, 3-D inputs, no tokens."""
+    has a path for (blocks of 16+ columns in vectors, narrower blocks, no rotation; AVX-512 and
+    portable vector code), bf16/fp32/fp16 inputs, 4 and 8 bits, 3-D inputs, no tokens."""
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -66,6 +67,12 @@ def test_cpu_kernel_matches_the_core_maths(dtype, tokens, width, block, bits):
         folded, folded_scales = torch.ops.starquant.sgat_quantize(x.view(1, tokens, width), states.view(1, -1), shift,
                                                                   clip, block, bits)
         assert torch.equal(folded[0], codes) and torch.equal(folded_scales[0], scales)
+    # Where the CPU has AVX-512, the rows above took sgat_avx512.c's passes wherever the shape
+    # allows: the kernel's portable vector code gives the same codes and scales bit for bit.
+    for codes_dtype, pad in ((torch.int8, 0), (torch.bfloat16, 32)):
+        fast = ops._quantize_cpu(x, states, shift, clip, block, bits, codes_dtype, pad)
+        portable = ops._quantize_cpu(x, states, shift, clip, block, bits, codes_dtype, pad, portable=True)
+        assert torch.equal(fast[0], portable[0]) and torch.equal(fast[1], portable[1])
     # The same codes as bf16 integers, with and without the sentinel columns (for AMX GEMMs).
     for pad in (0, 32):
         padded, padded_scales = torch.ops.starquant.sgat_quantize_padded(x, states, shift, clip, block, bits, pad)

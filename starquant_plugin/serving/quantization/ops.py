@@ -140,7 +140,10 @@ def sgat_quantize_padded_cpu(x, states, shift, clip, rotation_block: int, bits: 
     return _quantize_cpu(x, states, shift, clip, rotation_block, bits, torch.bfloat16, pad)
 
 
-def _quantize_cpu(x, states, shift, clip, rotation_block: int, bits: int, codes_dtype: torch.dtype, pad: int):
+def _quantize_cpu(x, states, shift, clip, rotation_block: int, bits: int, codes_dtype: torch.dtype, pad: int,
+                  portable: bool = False):
+    """`portable`: the kernel's portable vector code even on a CPU where its AVX-512 row passes
+    run (the tests compare the two)."""
     from . import _sgat_cpu
 
     width = x.shape[-1]
@@ -162,7 +165,7 @@ def _quantize_cpu(x, states, shift, clip, rotation_block: int, bits: int, codes_
         _sgat_cpu.quantize(rows.data_ptr(), int(rows.dtype == torch.bfloat16), states.data_ptr(), shift.data_ptr(),
                            clip.data_ptr(), codes.data_ptr(), int(codes_dtype == torch.bfloat16), width + pad,
                            scales.data_ptr(), rows.shape[0], width, rotation_block, float(integer_range(bits)),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), portable)
     return codes.reshape(*x.shape[:-1], width + pad), scales.reshape(*x.shape[:-1], 1)
 
 
