@@ -8,8 +8,9 @@
   `_weight_int4pack_mm_for_cpu` on int8 codes in bf16, packed int4 weights, bf16 group scales);
 - `starquant amx int4`: its path on AMX CPUs (vLLM's AMX W4A8 GEMM `int4_scaled_mm_cpu` with the
   sentinel column, then the per-token scales), the whole `_int4_codes_gemm` call;
-- `starquant vnni int4`: its path on AVX512-VNNI CPUs without AMX (`starquant::int4_mm`, the
-  per-token scales in its epilogue), the whole `_int4_codes_gemm` call;
+- `starquant vnni int4`: its path on AVX512-VNNI or AVX2 CPUs without AMX (`starquant::int4_mm`,
+  the per-token scales in its epilogue), the whole `_int4_codes_gemm` call, this CPU's fastest kernel;
+- `int4_mm avx512_vnni` / `int4_mm avx2`: each C kernel of that op this CPU runs, called alone;
 - `onednn int8 (W8A8)`: vLLM's oneDNN int8 GEMM on the same codes with int8 weights, for scale;
 - `bf16 matmul` / `fp32 matmul`: the unquantized baselines.
 Prints seconds per call (median of 3 after one warm-up), GFLOP/s and resident bytes per weight.
@@ -45,7 +46,7 @@ def main() -> None:
     dense = weight.float() * scales.repeat_interleave(g, 1)
     packed = {}
     for layout in ("amx_int4", "vnni_int4"):
-        if config.int4_layout(n) == layout or (layout == "vnni_int4" and ops.int4_vnni_supported()):
+        if config.int4_layout(n) == layout or (layout == "vnni_int4" and ops.int4_kernels()):
             packed[layout] = torch.nn.Module()
             for name, tensor in config.pack_int4(weight, scales, g, layout).items():
                 packed[layout].register_buffer(name, tensor)
@@ -65,6 +66,11 @@ def main() -> None:
             lambda layer=layer, layout=layout: config._int4_codes_gemm(layer, g, layout, int8_codes, ones, None,
                                                                         torch.bfloat16), layer.starquant_int4)
            for layout, layer in packed.items()},
+        **{f"int4_mm {kernel}": (
+            lambda kernel=kernel: ops.int4_mm_cpu(int8_codes, packed["vnni_int4"].starquant_int4,
+                                                  packed["vnni_int4"].starquant_int4_scales, g, ones, None, None,
+                                                  torch.bfloat16, kernel), packed["vnni_int4"].starquant_int4)
+           for kernel in (ops.int4_kernels() if "vnni_int4" in packed else ())},
         "onednn int8 (W8A8)": (lambda: vllm_ops.onednn_scaled_mm(onednn, int8_codes, onednn_out, ones, None, None, None),
                                int8_weight),
         "bf16 matmul": (lambda: codes_bf16 @ dense_bf16.t(), dense_bf16),
@@ -72,14 +78,14 @@ def main() -> None:
     }
     reference = codes.float() @ dense.t()
     print(f"[{m} x {k}] @ [{k} x {n}], group {g}, {torch.get_num_threads()} threads")
-    print(f"{'kernel':<20} {'s/call':>8} {'GFLOP/s':>8} {'bytes/weight':>12} {'rel. error':>10}")
+    print(f"{'kernel':<22} {'s/call':>8} {'GFLOP/s':>8} {'bytes/weight':>12} {'rel. error':>10}")
     for name, (fn, resident) in rows.items():
         seconds = timed(fn, repeats=1 if name.startswith("vllm") else 3)
         # (the W8A8 row multiplies other weights: its error is not comparable)
         error = ((fn().float() - reference).abs().mean() / reference.abs().mean()).item() if "W8A8" not in name else float("nan")
         nbytes = resident.numel() * resident.element_size() + (scales_and_zeros.numel() * 2 if "int4" in name else 0)
         nbytes += n if "W8A8" in name else 0  # per-channel scales
-        print(f"{name:<20} {seconds:>8.3f} {2 * m * n * k / seconds / 1e9:>8.1f} {nbytes / (n * k):>12.3f} {error:>10.4f}")
+        print(f"{name:<22} {seconds:>8.3f} {2 * m * n * k / seconds / 1e9:>8.1f} {nbytes / (n * k):>12.3f} {error:>10.4f}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,26 @@ def test_cpu_kernels_refuse_mismatched_shapes_before_reading_memory():
         torch.ops.starquant.add_state_rows(output, torch.ones(11), None, None)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_int4_mm_refuses_mismatched_operands_in_the_kernel_and_the_torch_code(kernel):
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (5, 64), generator=g, dtype=torch.int8)
+    packed = ops.pack_int4_vnni(torch.randint(-8, 8, (32, 64), generator=g, dtype=torch.int8))
+    scales, states = torch.rand(2, 32, generator=g), torch.tensor([0, 1, 0, 1, 1])
+    bad = {
+        r"scales has shape/size \(1, 32\), expected \(2, 32\)": (codes, packed, scales[:1], 32, None, None, None),
+        r"packed has shape/size \(2, 4, 16, 4\), expected \(2, 8, 16, 4\)": (codes, packed[:, :4], scales, 32, None, None, None),
+        "group 24 does not divide the input width 64": (codes, packed, scales, 24, None, None, None),
+        "row_scales has shape/size 4, expected 5": (codes, packed, scales, 32, torch.ones(4), None, None),
+        "states has shape/size 3, expected 5": (codes, packed, scales, 32, None, torch.zeros(2, 32), states[:3]),
+        "codes int8": (codes.float(), packed, scales, 32, None, None, None),
+    }
+    with ops.int4_mm.set_kernel_enabled("cpu", kernel == "cpu"):  # disabled: the op's torch code
+        for message, args in bad.items():
+            with pytest.raises(ValueError, match=message):
+                torch.ops.starquant.int4_mm(*args, torch.float32)
+
+
 def test_cpu_kernel_refuses_a_rotation_block_that_does_not_divide_the_width():
     x, states, shift, clip = _inputs(width=48)
     with pytest.raises(ValueError, match="rotation block 32 is not a power of two dividing the input width 48"):
@@ -277,7 +297,7 @@ def test_wna16_embedding_cpu_lookup_dequantizes_the_packed_rows(bits, group):
 def _int4_layout_runs(layout: str) -> bool:
     from starquant_plugin.serving.quantization import config
 
-    return {"amx_int4": config.amx_int4_gemm(), "vnni_int4": ops.int4_vnni_supported()}.get(layout, True)
+    return {"amx_int4": config.amx_int4_gemm(), "vnni_int4": ops.int4_kernels()}.get(layout, True)
 
 
 @pytest.mark.parametrize("layout", ["int4pack", "vnni_int4", "amx_int4"])
@@ -290,7 +310,7 @@ def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     from starquant_plugin.serving.quantization import config
 
     if not _int4_layout_runs(layout):
-        pytest.skip(f"{layout} needs a CPU with {'AMX' if layout == 'amx_int4' else 'AVX512-VNNI'}")
+        pytest.skip(f"{layout} needs a CPU with {'AMX' if layout == 'amx_int4' else 'AVX2 or AVX512-VNNI'}")
     g = torch.Generator().manual_seed(bits)
     n, k, group, tokens = 64, 256, 64, 9
     weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -316,20 +336,24 @@ def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     assert (error <= bound).all(), (error / bound).max()
 
 
+@pytest.mark.parametrize("kernel", ["avx512_vnni", "avx2"])
 @pytest.mark.parametrize("tokens, n, k, group", [(1, 32, 64, 32), (13, 96, 512, 128), (40, 64, 512, 256), (8, 32, 192, 64)])
-def test_int4_mm_kernel_sums_each_group_exactly(tokens, n, k, group):
-    """`starquant::int4_mm`'s C kernel (AVX512-VNNI) against the exact product in float64: every
-    group's integer sum is exact, so a float32 output differs from it only by float32 rounding
-    of the group scaling; bf16 outputs by one bf16 rounding of the result with the compensation
-    added; rows past the last whole tile of 8 included. The packing round-trips."""
-    if not ops.int4_vnni_supported():
-        pytest.skip("the int4_mm C kernel needs a CPU with AVX512-VNNI")
+def test_int4_mm_kernel_sums_each_group_exactly(kernel, tokens, n, k, group):
+    """Each C kernel of `starquant::int4_mm` against the exact product in float64: every group's
+    integer sum is exact (AVX2's int16 pair sums included: the extreme codes -128 and 127 against
+    the extreme weights), so a float32 output differs from it only by float32 rounding of the
+    group scaling; bf16 outputs by one bf16 rounding of the result with the compensation added;
+    rows past the last whole tile of 8 included. The kernels agree bit for bit; the packing
+    round-trips."""
+    if kernel not in ops.int4_kernels():
+        pytest.skip(f"the {kernel} kernel of int4_mm does not run on this CPU")
     g = torch.Generator().manual_seed(n + k)
     weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
     weight[0] = -8  # the extremes of both operands
     weight[1] = 7
-    codes = torch.randint(-127, 128, (tokens, k), generator=g, dtype=torch.int8)
-    codes[-1] = -127
+    codes = torch.randint(-128, 128, (tokens, k), generator=g, dtype=torch.int8)
+    codes[-1] = -128
+    codes[0, : k // 2] = 127
     group_scales = torch.rand(k // group, n, generator=g) * 0.01 + 0.001
     row_scales = torch.rand(tokens, generator=g) + 0.5
     states = torch.randint(0, 2, (tokens,), generator=g)
@@ -338,15 +362,17 @@ def test_int4_mm_kernel_sums_each_group_exactly(tokens, n, k, group):
     assert packed.shape == (n // 16, k // 8, 16, 4) and torch.equal(ops.unpack_int4_vnni(packed), weight)
     exact = torch.einsum("tgi,ngi,gn->tn", codes.double().view(tokens, -1, group), weight.double().view(n, -1, group),
                          group_scales.double()) * row_scales.double()[:, None]
-    got = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, row_scales, table, states, torch.float32)
+    got = ops.int4_mm_cpu(codes, packed, group_scales, group, row_scales, table, states, torch.float32, kernel)
     expected = exact + table.double()[states]
     assert ((got.double() - expected).abs() <= 1e-5 * expected.abs() + 1e-5).all()
-    got_bf16 = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, row_scales, table.bfloat16(), states,
-                                           torch.bfloat16)
+    got_bf16 = ops.int4_mm_cpu(codes, packed, group_scales, group, row_scales, table.bfloat16(), states,
+                               torch.bfloat16, kernel)
     expected_bf16 = exact + table.bfloat16().double()[states]
     assert ((got_bf16.double() - expected_bf16).abs() <= 2 ** -8 * expected_bf16.abs() + 1e-5).all()
-    plain = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, None, None, None, torch.float16)
+    plain = ops.int4_mm_cpu(codes, packed, group_scales, group, None, None, None, torch.float16, kernel)
     assert plain.dtype == torch.float16
     torch.testing.assert_close(plain.double(), exact / row_scales.double()[:, None], rtol=1e-3, atol=1e-3)
+    fastest = torch.ops.starquant.int4_mm(codes, packed, group_scales, group, row_scales, table, states, torch.float32)
+    assert torch.equal(fastest, got)  # the op runs this CPU's fastest kernel: the same sums
     torch.library.opcheck(torch.ops.starquant.int4_mm.default,
                           (codes, packed, group_scales, group, row_scales, table, states, torch.float32))

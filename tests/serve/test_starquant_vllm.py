@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs the
 
 from starquant_plugin.serving import DiffusionLLM  # noqa: E402
 from starquant_plugin.serving.quantization.config import amx_int4_gemm  # noqa: E402
-from starquant_plugin.serving.quantization.ops import int4_vnni_supported  # noqa: E402
+from starquant_plugin.serving.quantization.ops import int4_kernels  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
         assert len(info["codes_gemm"]) == 4 * model.config.n_layers
         if bits.startswith("w4"):  # vLLM's AMX W4A8 kernel with AMX, ours with AVX512-VNNI, torch's int4pack GEMM elsewhere
             assert set(info["codes_gemm"].values()) == {
-                "amx_int4" if amx_int4_gemm() else "vnni_int4" if int4_vnni_supported() else "int4pack"}
+                "amx_int4" if amx_int4_gemm() else "vnni_int4" if int4_kernels() else "int4pack"}
     block0 = model.model.transformer.blocks[0]
     expected_compensation = torch.cat([block0.q_proj.sgat_compensation, block0.k_proj.sgat_compensation,
                                        block0.v_proj.sgat_compensation], 1)

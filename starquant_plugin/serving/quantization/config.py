@@ -479,12 +479,13 @@ INT4_LAYOUTS = ("amx_int4", "vnni_int4", "int4pack")
 
 def int4_layout(n: int) -> str:
     """The int4 GEMM for a layer of `n` output channels on this CPU: vLLM's AMX W4A8 kernel
-    (`amx_int4`, n a multiple of its 32-channel tiles), ours on AVX512-VNNI (`vnni_int4`: 1.8x the
-    bf16 GEMM at 512 tokens on an AMD EPYC with AVX512-BF16, docs/performance.md; n a multiple of
-    32), else torch's (`int4pack`)."""
+    (`amx_int4`, n a multiple of its 32-channel tiles), ours on AVX512-VNNI or AVX2 (`vnni_int4`,
+    the weights packed for VNNI dot products, which the AVX2 kernel reads too: 1.8x the bf16 GEMM
+    at 512 tokens on an AMD EPYC with AVX512-BF16, docs/performance.md; n a multiple of 32), else
+    torch's (`int4pack`)."""
     if amx_int4_gemm() and n % AMX_INT4_BLOCK_N == 0:
         return "amx_int4"
-    if ops.int4_vnni_supported() and n % 32 == 0:
+    if ops.int4_kernels() and n % 32 == 0:
         return "vnni_int4"
     return "int4pack"
 

@@ -33,7 +33,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_vnni_supported", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_kernels", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -243,7 +243,27 @@ def int4_mm(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     [k / group, n] -> [m, n] in `dtype`, each row times `row_scales` [m] and plus `table[states]`
     (table [2, n] in `dtype`; either None). Computed in float32 from the dequantized weights here;
     the C kernel sums each group exactly in int32."""
+    _check_int4_mm(codes, packed, scales, group, row_scales, table, states)
     return _int4_mm_torch(codes, packed, scales, group, row_scales, table, states, dtype)
+
+
+def _check_int4_mm(codes, packed, scales, group: int, row_scales, table, states) -> None:
+    """One clear error for operands `int4_mm` cannot take, before any kernel runs (the C kernel
+    reads raw buffers: shapes are checked here, never trusted)."""
+    if codes.dim() != 2 or codes.dtype != torch.int8 or packed.dim() != 4 or packed.dtype != torch.uint8:
+        raise ValueError(f"int4_mm: codes int8 [m, k] and packed uint8 [n / 16, k / 8, 16, 4] expected, got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {packed.dtype} {tuple(packed.shape)}")
+    m, k = codes.shape
+    n = packed.shape[0] * 16
+    if group <= 0 or k % group:
+        raise ValueError(f"int4_mm: group {group} does not divide the input width {k}")
+    _check_shape("packed", tuple(packed.shape), (n // 16, k // 8, 16, 4))
+    _check_shape("scales", tuple(scales.shape), (k // group, n))
+    if row_scales is not None:
+        _check_shape("row_scales", row_scales.numel(), m)
+    if table is not None:
+        _check_shape("table", tuple(table.shape), (2, n))
+        _check_shape("states", -1 if states is None else states.numel(), m)
 
 
 def _int4_mm_torch(codes, packed, scales, group: int, row_scales, table, states, dtype) -> torch.Tensor:
@@ -258,38 +278,38 @@ def _(codes, packed, scales, group, row_scales, table, states, dtype):
     return codes.new_empty((codes.shape[0], packed.shape[0] * 16), dtype=dtype)
 
 
+def int4_kernels() -> tuple[str, ...]:
+    """The C kernels `int4_mm` can run on this CPU, fastest first: `avx512_vnni` (AVX512-VNNI),
+    `avx2` (any x86-64-v3 CPU); empty without the C extension or on other CPUs."""
+    return tuple(_int4_kernel_ids())
+
+
 @functools.cache
-def int4_vnni_supported() -> bool:
-    """Whether `int4_mm` runs its C kernel on this CPU (AVX512-VNNI; the C extension built)."""
+def _int4_kernel_ids() -> dict[str, int]:
     try:
         from . import _sgat_cpu
     except ImportError:
-        return False
-    return _sgat_cpu.int4_vnni_supported()
+        return {}
+    return _sgat_cpu.int4_mm_kernels()
 
 
-def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dtype):
-    """The C kernel of `starquant::int4_mm` (same contract) where the CPU has AVX512-VNNI and the
-    shapes fit it (n a multiple of 32, group of 8); the torch code otherwise."""
+def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dtype, kernel: str | None = None):
+    """The C kernel of `starquant::int4_mm` (same contract): this CPU's fastest (`int4_kernels`),
+    or `kernel`, where the shapes fit it (n a multiple of 32, group of 8); the torch code otherwise."""
     from . import _sgat_cpu
 
+    _check_int4_mm(codes, packed, scales, group, row_scales, table, states)
     m, k = codes.shape
     n = packed.shape[0] * 16
-    if not (int4_vnni_supported() and n % 32 == 0 and group % 8 == 0 and k % group == 0):
+    kernels = _int4_kernel_ids()
+    if kernel is not None and kernel not in kernels:
+        raise ValueError(f"int4_mm: kernel {kernel!r} does not run on this CPU (it runs {tuple(kernels)})")
+    if not (kernels and n % 32 == 0 and group % 8 == 0 and k % group == 0):
         return _int4_mm_torch(codes, packed, scales, group, row_scales, table, states, dtype)
     if dtype not in (torch.float32, torch.bfloat16):  # float16: the kernel writes float32, cast once
         table = table.float() if table is not None else None
-        return int4_mm_cpu(codes, packed, scales, group, row_scales, table, states, torch.float32).to(dtype)
+        return int4_mm_cpu(codes, packed, scales, group, row_scales, table, states, torch.float32, kernel).to(dtype)
     table = table.to(dtype) if table is not None else None
-    _check_shape("packed", tuple(packed.shape), (n // 16, k // 8, 16, 4))
-    _check_shape("scales", tuple(scales.shape), (k // group, n))
-    if packed.dtype != torch.uint8 or codes.dtype != torch.int8:
-        raise ValueError(f"int4_mm: codes int8 and packed uint8 expected, got {codes.dtype} and {packed.dtype}")
-    if row_scales is not None:
-        _check_shape("row_scales", row_scales.numel(), m)
-    if table is not None:
-        _check_shape("table", tuple(table.shape), (2, n))
-        _check_shape("states", states.numel(), m)
     codes, packed, scales = codes.contiguous(), packed.contiguous(), scales.float().contiguous()
     row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
     table = table.contiguous() if table is not None else None
@@ -303,7 +323,8 @@ def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dt
                                table.data_ptr() if table is not None else 0,
                                states.data_ptr() if table is not None else 0, output.data_ptr(), code_sums.data_ptr(),
                                tiles.data_ptr(),
-                               m, n, k, group, int(dtype == torch.bfloat16), torch.get_num_threads())
+                               m, n, k, group, int(dtype == torch.bfloat16), torch.get_num_threads(),
+                               kernels[kernel or next(iter(kernels))])
     return output
 
 

@@ -1,4 +1,4 @@
-/* The AVX512-VNNI W4A8 GEMM (int4_vnni.c). */
+/* The W4A8 GEMM of int4_vnni.c (AVX512-VNNI and AVX2 kernels). */
 #pragma once
 #include <stdint.h>
 
@@ -16,8 +16,11 @@ typedef struct {
     int bf16;
 } Int4VnniTask;
 
-/* Whether this CPU runs the kernel (AVX-512 F/BW/VL and VNNI). */
-int int4_vnni_supported(void);
+enum { INT4_AVX2 = 1, INT4_AVX512_VNNI = 2 };
 
-/* Nonzero when it cannot run: no VNNI, n not a multiple of 32, group not a multiple of 8 dividing k. */
-int int4_vnni_mm(const Int4VnniTask *task, int threads);
+/* The kernels this CPU runs, a mask of the above (AVX2 with FMA; AVX-512 F/BW/VL with VNNI). */
+int int4_mm_kernels(void);
+
+/* Nonzero when it cannot run: `kernel` not run by this CPU, n not a multiple of 32, group not a
+ * multiple of 8 dividing k. */
+int int4_vnni_mm(const Int4VnniTask *task, int threads, int kernel);

@@ -66,9 +66,9 @@ AVX512_TARGET INLINE __m512i rotate_block(const void *x, int bf16, int64_t offse
     for (int64_t k = 0; k < vectors; k++) r[k] = in_vector_stages(load16(x, bf16, offset + 16 * k, shift + 16 * k));
 #pragma GCC unroll 8
     for (int64_t half = 1; half < vectors; half *= 2)
-#pragma GCC unroll 64
+#pragma GCC unroll 16
         for (int64_t i = 0; i < vectors; i += 2 * half)
-#pragma GCC unroll 64
+#pragma GCC unroll 16
             for (int64_t j = i; j < i + half; j++) {
                 const __m512 a = r[j], c = r[j + half];
                 r[j] = _mm512_add_ps(a, c);

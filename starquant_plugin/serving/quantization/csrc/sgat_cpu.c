@@ -71,9 +71,9 @@ MULTIVERSION static void load_row(const void *x, int dtype, int64_t row, int64_t
 #define BUTTERFLIES(T, b, n)                                      \
     _Pragma("GCC unroll 8")                                       \
     for (int64_t half = 1; half < (n); half *= 2)                 \
-        _Pragma("GCC unroll 64")                                  \
+        _Pragma("GCC unroll 16")                                  \
         for (int64_t i = 0; i < (n); i += 2 * half)               \
-            _Pragma("GCC unroll 64")                              \
+            _Pragma("GCC unroll 16")                              \
             for (int64_t j = i; j < i + half; j++) {              \
                 T a_ = (b)[j], c_ = (b)[j + half];                \
                 (b)[j] = a_ + c_;                                 \
@@ -332,25 +332,39 @@ static PyObject *add_state_rows(PyObject *self, PyObject *args) {
 static PyObject *int4_vnni_mm_entry(PyObject *self, PyObject *args) {
     unsigned long long codes, packed, scales, row_scales, table, states, out, code_sums, tiles;
     long long m, n, k, group;
-    int bf16, threads, failed;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLii", &codes, &packed, &scales, &row_scales, &table, &states, &out, &code_sums, &tiles,
-                          &m, &n, &k, &group, &bf16, &threads))
+    int bf16, threads, kernel, failed;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLiii", &codes, &packed, &scales, &row_scales, &table, &states, &out, &code_sums,
+                          &tiles, &m, &n, &k, &group, &bf16, &threads, &kernel))
         return NULL;
     Int4VnniTask task = {(const int8_t *)codes, (const uint8_t *)packed, (const float *)scales, (const float *)row_scales,
                          (const void *)table, (const int64_t *)states, (void *)out, (int32_t *)code_sums, (int8_t *)tiles, m, n, k, group,
                          bf16};
     Py_BEGIN_ALLOW_THREADS
-    failed = int4_vnni_mm(&task, threads);
+    failed = int4_vnni_mm(&task, threads, kernel);
     Py_END_ALLOW_THREADS
     if (failed) {
-        PyErr_SetString(PyExc_ValueError, "int4_vnni_mm: no AVX512-VNNI on this CPU, or n not a multiple of 32, or the "
-                                          "group not a multiple of 8 dividing k");
+        PyErr_SetString(PyExc_ValueError, "int4_vnni_mm: this CPU does not run that kernel, or n is not a multiple of 32, "
+                                          "or the group not a multiple of 8 dividing k");
         return NULL;
     }
     Py_RETURN_NONE;
 }
 
-static PyObject *int4_vnni_supported_entry(PyObject *self, PyObject *args) { return PyBool_FromLong(int4_vnni_supported()); }
+static PyObject *int4_mm_kernels_entry(PyObject *self, PyObject *args) {
+    static const struct {
+        const char *name;
+        int kernel;
+    } order[] = {{"avx512_vnni", INT4_AVX512_VNNI}, {"avx2", INT4_AVX2}};
+    const int kernels = int4_mm_kernels();
+    PyObject *names = PyDict_New();
+    for (size_t i = 0; names && i < sizeof order / sizeof order[0]; i++) {
+        if (!(kernels & order[i].kernel)) continue;
+        PyObject *value = PyLong_FromLong(order[i].kernel);
+        if (!value || PyDict_SetItemString(names, order[i].name, value)) Py_CLEAR(names);
+        Py_XDECREF(value);
+    }
+    return names;
+}
 
 static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
@@ -363,9 +377,11 @@ static PyMethodDef methods[] = {
      "table[states[r] != 0] in place (scales, table: 0 for none), in float32, rounded once to bf16 as torch rounds."},
     {"int4_vnni_mm", int4_vnni_mm_entry, METH_VARARGS,
      "int4_vnni_mm(codes, packed, scales, row_scales, table, states, out, code_sums, tiles, m, n, k, group, bf16, "
-     "threads): "
-     "the AVX512-VNNI W4A8 GEMM of int4_vnni.c on addresses of contiguous buffers (row_scales, table: 0 for none)."},
-    {"int4_vnni_supported", int4_vnni_supported_entry, METH_NOARGS, "Whether this CPU runs int4_vnni_mm."},
+     "threads, kernel): "
+     "the W4A8 GEMM of int4_vnni.c on addresses of contiguous buffers (row_scales, table: 0 for none) with `kernel`, "
+     "a value of int4_mm_kernels()."},
+    {"int4_mm_kernels", int4_mm_kernels_entry, METH_NOARGS,
+     "The int4_vnni_mm kernels this CPU runs, fastest first: {name: kernel}, names avx512_vnni and avx2."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
