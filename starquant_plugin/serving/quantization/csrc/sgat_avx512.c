@@ -1,12 +1,13 @@
 /* AVX-512 row passes of `starquant::sgat_quantize` on CPU (sgat_cpu.c holds the op, its
  * portable vector code and the row loop; this file only its two passes over a row in AVX-512
- * intrinsics). The same operations in the same order as the portable code, hence the same codes
- * and scales bit for bit: the butterfly stages inside a vector compute x * (+-1) + partner with
- * one fused multiply-add (the product is exact, so one rounding either way); the codes round
- * with the CPU's default mode (half to even) as `irintf` does. What it saves over GCC's lowering
- * of the portable code: one instruction to widen bf16 (GCC splits it in four), the fused
- * butterflies, and full 512-bit code stores (GCC narrows in 256-bit halves): about 1.5x on the
- * whole op (docs/performance.md). */
+ * intrinsics). The same operations in the same order as the portable code: the butterfly stages
+ * inside a vector compute x * (+-1) + partner with one fused multiply-add (the product is exact,
+ * so one rounding either way); the codes round with the CPU's default mode (half to even) as
+ * `irintf` does. NaN inputs aside (their bf16 codes differ), the codes and scales are the
+ * portable code's, bit for bit. What it saves over GCC's lowering of the portable code: one
+ * instruction to widen bf16 (GCC splits it in four), the fused butterflies, and full 512-bit code
+ * stores (GCC narrows in 256-bit halves): 1.6-1.8x on the whole op at LLaDA-8B's widths on an
+ * AMD EPYC (Zen 4) (docs/performance.md). */
 #include "sgat_avx512.h"
 
 #include <math.h>

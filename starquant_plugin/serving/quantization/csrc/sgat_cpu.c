@@ -11,8 +11,8 @@
  * Python caller). `add_state_rows` scales a GEMM's output rows and adds SGAT's per-state
  * compensation, in place. Vector code uses GCC's vector extensions, compiled for AVX-512, AVX2 and the
  * baseline and picked at load time (target_clones); where the CPU has AVX-512 F/BW, a row of whole
- * 16-column vectors takes the intrinsics of sgat_avx512.c instead (same codes and scales; about
- * 1.5x faster than GCC's lowering of this code), unless `portable` asks for this code.
+ * 16-column vectors takes the intrinsics of sgat_avx512.c instead (same codes and scales;
+ * 1.6-1.8x faster than GCC's lowering of this code), unless `portable` asks for this code.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
