@@ -29,9 +29,9 @@ W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torc
 layer keeps its int4 weights packed instead and multiplies the codes (exact in bf16) by them,
 then scales each token's row: y = scale_t * (codes @ W_int4 * s_group). On AMX CPUs the GEMM
 is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, which quantizes its input itself: a sentinel
-column makes that exact, see `_int4_codes_gemm`); on CPUs with AVX512-VNNI and no AMX our own
-(`starquant::int4_mm`: int8 dot products, exact int32 sums per group, the per-token scales and the
-compensation in its epilogue); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
+column makes that exact, see `_int4_codes_gemm`); on CPUs with AVX512-VNNI or AVX2 and no AMX our
+own (`starquant::int4_mm`: int8 dot products, exact int32 sums per group, the per-token scales and
+the compensation in its epilogue); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
 quantize each rank's input slice per token, as vLLM's kernels do.
@@ -445,7 +445,7 @@ def _pack_cpu_int4(layer) -> tuple[int, str] | None:
     unpacked with compressed-tensors' own `unpack_from_int32`).
 
     On AMX CPUs the GEMM is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, AWQ-blocked weights),
-    with one zero-weight group appended (see `_int4_codes_gemm`); on AVX512-VNNI CPUs
+    with one zero-weight group appended (see `_int4_codes_gemm`); on AVX512-VNNI or AVX2 CPUs
     `starquant::int4_mm` (`ops.pack_int4_vnni`, float32 group scales); elsewhere torch's
     `_weight_int4pack_mm_for_cpu` (two values per byte, bf16 group scales)."""
     scheme = getattr(layer, "scheme", None)

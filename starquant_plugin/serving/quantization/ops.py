@@ -14,10 +14,11 @@ compilation can trace them (fake implementations give shapes and dtypes).
   per-state compensation.
 - `int4_mm(codes, packed, scales, group, row_scales, table, states, dtype)`: int8 codes times int4
   weights packed by `pack_int4_vnni`, with group scales, then `add_state_rows`'s epilogue: the W4A8 /
-  W4A4 GEMM of CPUs with AVX512-VNNI and no AMX (`csrc/int4_vnni.c`: exact int32 sums per group).
+  W4A4 GEMM of CPUs with AVX512-VNNI or AVX2 and no AMX (`csrc/int4_vnni.c`: exact int32 sums per
+  group; `int4_kernels()` lists the kernels this CPU runs).
 
 On CPU `sgat_quantize`, `sgat_quantize_padded`, `add_state_rows` and `int4_mm` run the C kernels built with the package
-(`csrc/sgat_cpu.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
+(`csrc/sgat_cpu.c` with `csrc/sgat_avx512.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
 kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
 device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
 runs the core's torch code. The kernels sum each rotation in another order than the core's
