@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 
 from ..assets import SHIPPED_MODEL
 
@@ -58,6 +59,9 @@ def write_random_checkpoint(directory: Path, config: dict, layers: int, seed: in
     config = dict(config, **{depth_key: layers}, dtype=str(dtype).removeprefix("torch."))
     config.pop("auto_map", None)  # served and loaded natively, no remote code
     config.pop("torch_dtype", None)
+    # As save_pretrained stamps it: without it, transformers takes any local tokenizer for one of
+    # Mistral's with a broken regex and warns on every load.
+    config["transformers_version"] = transformers.__version__
     model_config.num_hidden_layers = layers
     with torch.device("meta"):
         model = family_of(config).model_class(model_config)

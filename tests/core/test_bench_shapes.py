@@ -56,3 +56,24 @@ def test_random_checkpoint_of_the_dream_family(tmp_path):
     assert model.lm_head.weight.shape == (config["vocab_size"], 128) and model.dtype == torch.bfloat16
     assert tokenizer.convert_tokens_to_ids("<|mdm_mask|>") == config["mask_token_id"]
     assert "auto_map" not in json.loads((directory / "config.json").read_text())
+
+
+def test_random_checkpoint_tokenizer_loads_without_a_false_warning(tmp_path, caplog):
+    """transformers takes a local tokenizer whose config.json has no `transformers_version` for a
+    Mistral one with a broken regex and warns "incorrect tokenization" on every load (the
+    benchmark's logs showed it for Dream-7B's shapes): the written config carries the version."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tests.conftest import tiny_dream_config
+
+    # transformers checks tokenizers of more than 100,000 tokens only (Dream-7B: 152,064).
+    ids = dict(mask_token_id=100_049, eos_token_id=100_047, pad_token_id=100_047, bos_token_id=100_047)
+    directory = write_random_checkpoint(tmp_path / "dream", tiny_dream_config(vocab_size=100_050, **ids), layers=1)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            AutoTokenizer.from_pretrained(directory)
+    finally:
+        hf_logging.disable_propagation()
+    assert "incorrect regex pattern" not in caplog.text

@@ -376,3 +376,26 @@ def test_int4_mm_kernel_sums_each_group_exactly(kernel, tokens, n, k, group):
     assert torch.equal(fastest, got)  # the op runs this CPU's fastest kernel: the same sums
     torch.library.opcheck(torch.ops.starquant.int4_mm.default,
                           (codes, packed, group_scales, group, row_scales, table, states, torch.float32))
+
+
+@pytest.mark.parametrize("kernel", ["avx512_vnni", "avx2"])
+def test_int4_mm_kernel_rows_do_not_depend_on_the_row_count(kernel):
+    """The kernels compute the last tile of m = 8q + r rows with r rows only: every row count 1-16
+    gives, bit for bit, the first rows of the 16-row product (whose sums the test above checks
+    exactly), in float32 and in bf16 with the compensation."""
+    if kernel not in ops.int4_kernels():
+        pytest.skip(f"the {kernel} kernel of int4_mm does not run on this CPU")
+    g = torch.Generator().manual_seed(16)
+    n, k, group = 64, 256, 64
+    packed = ops.pack_int4_vnni(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+    codes = torch.randint(-128, 128, (16, k), generator=g, dtype=torch.int8)
+    group_scales = torch.rand(k // group, n, generator=g) * 0.01 + 0.001
+    row_scales = torch.rand(16, generator=g) + 0.5
+    states = torch.randint(0, 2, (16,), generator=g)
+    table = torch.randn(2, n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = ops.int4_mm_cpu(codes, packed, group_scales, group, row_scales, table.to(dtype), states, dtype, kernel)
+        for m in range(1, 16):
+            got = ops.int4_mm_cpu(codes[:m], packed, group_scales, group, row_scales[:m], table.to(dtype), states[:m],
+                                  dtype, kernel)
+            assert torch.equal(got, whole[:m]), (dtype, m)

@@ -38,7 +38,9 @@ def token_context(token_states: torch.Tensor, real: torch.Tensor | None = None, 
     ratio = sequence_mask_ratio(token_states, real)
     if span is not None:
         token_states = token_states[:, span[0]:span[1]]
-    _CURRENT.append(TokenContext(token_states.reshape(-1).long(), ratio[:, None].expand_as(token_states).reshape(-1)))
+    # One ratio per token, contiguous (a stride-0 view would make torch.bucketize copy it and warn).
+    ratios = ratio.repeat_interleave(token_states.shape[1])
+    _CURRENT.append(TokenContext(token_states.reshape(-1).long(), ratios))
     try:
         yield
     finally:
