@@ -297,19 +297,26 @@ def _int4_kernel_ids() -> dict[str, int]:
 def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dtype, kernel: str | None = None):
     """The C kernel of `starquant::int4_mm` (same contract): this CPU's fastest (`int4_kernels`),
     or `kernel`, where the shapes fit it (n a multiple of 32, group of 8); the torch code otherwise."""
-    from . import _sgat_cpu
-
     _check_int4_mm(codes, packed, scales, group, row_scales, table, states)
-    m, k = codes.shape
-    n = packed.shape[0] * 16
+    k, n = codes.shape[1], packed.shape[0] * 16
     kernels = _int4_kernel_ids()
     if kernel is not None and kernel not in kernels:
         raise ValueError(f"int4_mm: kernel {kernel!r} does not run on this CPU (it runs {tuple(kernels)})")
     if not (kernels and n % 32 == 0 and group % 8 == 0 and k % group == 0):
         return _int4_mm_torch(codes, packed, scales, group, row_scales, table, states, dtype)
+    kernel_id = kernels[kernel or next(iter(kernels))]
     if dtype not in (torch.float32, torch.bfloat16):  # float16: the kernel writes float32, cast once
         table = table.float() if table is not None else None
-        return int4_mm_cpu(codes, packed, scales, group, row_scales, table, states, torch.float32, kernel).to(dtype)
+        return _int4_mm_c(codes, packed, scales, group, row_scales, table, states, torch.float32, kernel_id).to(dtype)
+    return _int4_mm_c(codes, packed, scales, group, row_scales, table, states, dtype, kernel_id)
+
+
+def _int4_mm_c(codes, packed, scales, group: int, row_scales, table, states, dtype, kernel_id: int) -> torch.Tensor:
+    """The C kernel `kernel_id` on operands `_check_int4_mm` passed, output float32 or bf16."""
+    from . import _sgat_cpu
+
+    m, k = codes.shape
+    n = packed.shape[0] * 16
     table = table.to(dtype) if table is not None else None
     codes, packed, scales = codes.contiguous(), packed.contiguous(), scales.float().contiguous()
     row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
@@ -324,8 +331,7 @@ def int4_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, dt
                                table.data_ptr() if table is not None else 0,
                                states.data_ptr() if table is not None else 0, output.data_ptr(), code_sums.data_ptr(),
                                tiles.data_ptr(),
-                               m, n, k, group, int(dtype == torch.bfloat16), torch.get_num_threads(),
-                               kernels[kernel or next(iter(kernels))])
+                               m, n, k, group, int(dtype == torch.bfloat16), torch.get_num_threads(), kernel_id)
     return output
 
 

@@ -226,12 +226,13 @@ static int quantize_rows(const void *arg, int64_t begin, int64_t end) {
     const QuantizeTask *task = (const QuantizeTask *)arg;
     float *v = aligned_alloc(64, sizeof(float) * (size_t)((task->width + 15) / 16 * 16));
     if (!v) return 1;
+    /* Rows of whole 16-column vectors and blocks of 16-1024 (or none): the vector code paths. */
+    const int vectors = task->width % 16 == 0 && ((task->block >= 16 && task->block <= 1024) || !task->block);
+    const int avx512 = vectors && task->avx512;
     for (int64_t row = begin; row < end; row++) {
         int64_t state = task->states[row] ? 1 : 0;
         const float *shift = task->shift + state * task->width;
         float absmax = 0.0f;
-        const int vectors = task->width % 16 == 0 && ((task->block >= 16 && task->block <= 1024) || !task->block);
-        const int avx512 = vectors && task->avx512;
         if (avx512) {
             absmax = sgat_avx512_load_rotate(task->x, task->dtype == DTYPE_BFLOAT16, row, task->width, task->block, shift, v);
         } else if (vectors) {
