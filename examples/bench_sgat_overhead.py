@@ -5,11 +5,15 @@
 For the q/k/v input (k=4096 -> n=12288) and the down projection (k=12288 -> n=4096), bf16
 activations, half the tokens masked:
 - `bf16 linear`: the unquantized layer (torch's bf16 GEMM: AMX or AVX512-BF16 where the CPU has them);
-- `plain`: vLLM's W8A8 CPU path (its fused dynamic int8 quantize + the oneDNN int8 GEMM);
+- `plain`: vLLM's W8A8 CPU path for a bf16 model (its fused dynamic int8 quantize + the oneDNN
+  int8 GEMM; on AMX CPUs its AMX GEMM `int8_scaled_mm_with_quant`, which quantizes its bf16 input
+  itself);
 - `sgat_quantize`: the `starquant` op (shift by state, block-Hadamard 128, clipped per-token
-  int8: the C kernel, `ops.CPU_KERNEL`), which feeds the same GEMM its codes; `sgat torch code`:
+  int8: the C kernel, `ops.CPU_KERNEL`), which feeds the GEMM its codes; `sgat torch code`:
   the same op in the core's torch code (its fallback); `compensation`: the per-state output add
   (`starquant::add_state_rows`, in place);
+- on AMX CPUs, `starquant int8_mm`: our AMX GEMM on the codes with the per-token scales and the
+  compensation in its epilogue (what a STaR-Quant W8A8 layer runs there after `sgat_quantize`);
 - `rotation bf16` / `rotation fp32`: the block-Hadamard matmul alone in each dtype (why the op
   computes in float32 on CPU).
 Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share of the GEMM.
@@ -68,13 +72,25 @@ def main() -> None:
             "rotation bf16": lambda: x.view(t, -1, 128) @ hadamard.to(torch.bfloat16),
             "rotation fp32": lambda: x.float().view(t, -1, 128) @ hadamard,
         }
+        amx = ops.int8_amx() and hasattr(torch.ops._C, "int8_scaled_mm_with_quant")
+        if amx:  # what vLLM and STaR-Quant run on AMX CPUs
+            weight_nk = weight.t().contiguous()
+            weight_scale = torch.rand(n, generator=g) * 0.01
+            sgl_weight, packed = torch.ops._C.convert_weight_packed(weight_nk), ops.pack_int8_amx(weight_nk)
+            rows["plain"] = lambda: torch.ops._C.int8_scaled_mm_with_quant(x, sgl_weight, weight_scale, None,
+                                                                             torch.bfloat16, True)
+            rows["starquant int8_mm"] = lambda: torch.ops.starquant.int8_mm(
+                codes.reshape(t, k), packed, weight_scale, scales, compensation, states, None, torch.bfloat16)
         times = {name: timed(fn, repeats=5) for name, fn in rows.items()}
         for name, seconds in times.items():
             print(f"{f'{k} -> {n}':<14} {name:<16} {seconds * 1e3:>8.2f}")
         print(f"{f'{k} -> {n}':<14} sgat_quantize / vLLM's quantize: {times['sgat_quantize'] / times['vllm quantize']:.2f}x "
               f"({'C kernel' if ops.CPU_KERNEL else 'torch code: the C kernel is not built'}; torch code "
               f"{times['sgat torch code'] / times['vllm quantize']:.2f}x)")
-        added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]
+        if amx:  # the plain linear quantizes inside its GEMM; ours takes the codes, scales and compensation in one
+            added = times["sgat_quantize"] + times["starquant int8_mm"] - times["plain"]
+        else:
+            added = times["sgat_quantize"] + times["compensation"] - times["vllm quantize"]
         print(f"{f'{k} -> {n}':<14} SGAT adds {added / times['plain'] * 100:.1f}% to the plain W8A8 linear; "
               f"SGAT W8A8 linear {times['bf16 linear'] / (times['plain'] + added):.2f}x the bf16 linear's speed")
 

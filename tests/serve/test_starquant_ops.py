@@ -399,3 +399,85 @@ def test_int4_mm_kernel_rows_do_not_depend_on_the_row_count(kernel):
             got = ops.int4_mm_cpu(codes[:m], packed, group_scales, group, row_scales[:m], table.to(dtype), states[:m],
                                   dtype, kernel)
             assert torch.equal(got, whole[:m]), (dtype, m)
+
+
+needs_amx = pytest.mark.skipif(not ops.int8_amx(), reason="this CPU has no AMX-INT8: int8_mm runs its torch code")
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens, n, k", [(1, 32, 64), (17, 64, 128), (33, 288, 1088), (64, 96, 3136)])
+def test_int8_mm_amx_kernel_sums_exactly(tokens, n, k):
+    """The AMX kernel of `starquant::int8_mm` against the exact product in float64: the int32 sums
+    are exact (the extreme codes and weights included), so a float32 output differs only by the
+    float32 rounding of the scales, the bias and the compensation; bf16 by one bf16 rounding.
+    Covered: a last tile of fewer than 16 rows, a single tile row, input widths past one 1,024-input
+    chunk (with a partial last chunk), output widths past one 256-column panel (with a partial
+    panel); the packing round-trips; with the kernel disabled the op's torch code agrees."""
+    g = torch.Generator().manual_seed(n + k)
+    weight = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    weight[0], weight[1] = -128, 127
+    codes = torch.randint(-128, 128, (tokens, k), generator=g, dtype=torch.int8)
+    codes[0], codes[-1, : k // 2] = 127, -128
+    col_scales = torch.rand(n, generator=g) * 0.01 + 0.001
+    row_scales = torch.rand(tokens, 1, generator=g) + 0.5
+    states = torch.randint(0, 2, (tokens,), generator=g)
+    table, bias = torch.randn(2, n, generator=g), torch.randn(n, generator=g)
+    packed = ops.pack_int8_amx(weight)
+    assert packed.shape == (n // 32, k // 64, 2, 16, 64) and torch.equal(ops.unpack_int8_amx(packed), weight)
+    exact = (codes.double() @ weight.double().t()) * col_scales.double() * row_scales.double()
+    got = torch.ops.starquant.int8_mm(codes, packed, col_scales, row_scales, table, states, bias, torch.float32)
+    expected = exact + bias.double() + table.double()[states]
+    assert ((got.double() - expected).abs() <= 1e-6 * expected.abs() + 1e-4).all()
+    got_bf16 = torch.ops.starquant.int8_mm(codes, packed, col_scales, row_scales, table.bfloat16(), states, None,
+                                           torch.bfloat16)
+    expected_bf16 = exact + table.bfloat16().double()[states]
+    assert ((got_bf16.double() - expected_bf16).abs() <= 2 ** -8 * expected_bf16.abs() + 1e-4).all()
+    plain = torch.ops.starquant.int8_mm(codes, packed, col_scales / 100, None, None, None, None, torch.float16)
+    assert plain.dtype == torch.float16  # (scales / 100: within float16's range)
+    torch.testing.assert_close(plain.double(), exact / row_scales.double() / 100, rtol=1e-3, atol=1e-3)
+    with ops.int8_mm.set_kernel_enabled("cpu", False):
+        reference = torch.ops.starquant.int8_mm(codes, packed, col_scales, row_scales, table, states, bias,
+                                                torch.float32)
+    torch.testing.assert_close(got, reference, rtol=1e-3, atol=1e-2)  # the torch code: float32 sums
+    torch.library.opcheck(torch.ops.starquant.int8_mm.default,
+                          (codes, packed, col_scales, row_scales, table, states, bias, torch.float32))
+
+
+@needs_amx
+def test_int8_mm_amx_rows_do_not_depend_on_the_row_count():
+    """Every row count 1-48 gives, bit for bit, the first rows of the 48-row product: a row's
+    output does not depend on the rows tiled with it (tiles of 16 and 32 rows, zero padding)."""
+    g = torch.Generator().manual_seed(48)
+    n, k = 64, 1152
+    packed = ops.pack_int8_amx(torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
+    codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
+    col_scales, row_scales = torch.rand(n, generator=g), torch.rand(48, generator=g)
+    states, table = torch.randint(0, 2, (48,), generator=g), torch.randn(2, n, generator=g).bfloat16()
+    whole = torch.ops.starquant.int8_mm(codes, packed, col_scales, row_scales, table, states, None, torch.bfloat16)
+    for m in range(1, 48):
+        got = torch.ops.starquant.int8_mm(codes[:m], packed, col_scales, row_scales[:m], table, states[:m], None,
+                                          torch.bfloat16)
+        assert torch.equal(got, whole[:m]), m
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_int8_mm_refuses_mismatched_operands(kernel):
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (5, 128), generator=g, dtype=torch.int8)
+    packed = ops.pack_int8_amx(torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8))
+    scales, states = torch.rand(64, generator=g), torch.tensor([0, 1, 0, 1, 1])
+    bad = {
+        "col_scales has shape/size 32, expected 64": (codes, packed, scales[:32], None, None, None, None),
+        r"packed has shape/size \(2, 1, 2, 16, 64\), expected \(2, 2, 2, 16, 64\)": (codes, packed[:, :1], scales,
+                                                                                       None, None, None, None),
+        "row_scales has shape/size 4, expected 5": (codes, packed, scales, torch.ones(4), None, None, None),
+        "states has shape/size 3, expected 5": (codes, packed, scales, None, torch.zeros(2, 64), states[:3], None),
+        "bias has shape/size 63, expected 64": (codes, packed, scales, None, None, None, torch.zeros(63)),
+        "codes int8": (codes.float(), packed, scales, None, None, None, None),
+    }
+    with ops.int8_mm.set_kernel_enabled("cpu", kernel == "cpu"):
+        for message, args in bad.items():
+            with pytest.raises(ValueError, match=message):
+                torch.ops.starquant.int8_mm(*args, torch.float32)
+    with pytest.raises(ValueError, match="n a multiple of 32 and k of 64"):
+        ops.pack_int8_amx(torch.zeros(48, 64, dtype=torch.int8))

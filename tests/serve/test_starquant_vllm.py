@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="the serve environment (.venv/serve) runs the
 
 from starquant_plugin.serving import DiffusionLLM  # noqa: E402
 from starquant_plugin.serving.quantization.config import amx_int4_gemm  # noqa: E402
-from starquant_plugin.serving.quantization.ops import int4_kernels  # noqa: E402
+from starquant_plugin.serving.quantization.ops import int4_kernels, int8_amx  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,8 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
         if bits.startswith("w4"):  # vLLM's AMX W4A8 kernel with AMX, ours with AVX512-VNNI, torch's int4pack GEMM elsewhere
             assert set(info["codes_gemm"].values()) == {
                 "amx_int4" if amx_int4_gemm() else "vnni_int4" if int4_kernels() else "int4pack"}
+        else:  # our AMX int8 GEMM with AMX, vLLM's oneDNN one elsewhere
+            assert set(info["codes_gemm"].values()) == {"starquant_amx_int8" if int8_amx() else "onednn_int8"}
     block0 = model.model.transformer.blocks[0]
     expected_compensation = torch.cat([block0.q_proj.sgat_compensation, block0.k_proj.sgat_compensation,
                                        block0.v_proj.sgat_compensation], 1)
@@ -203,18 +205,16 @@ def test_gqa_starquant_w4a4_checkpoint_with_tensor_parallelism(tmp_path):
 
 
 def test_starquant_w8a8_served_in_bf16_takes_the_codes_into_the_int8_gemm(shipped_checkpoints):
-    """bf16 serving: on AMX CPUs vLLM's int8 kernel is its AMX GEMM, which quantizes its own input;
-    SGAT's codes go in as bf16 integers (re-quantized exactly, scale 1) and the per-token scales
-    and compensation are applied to its output (oneDNN elsewhere). Every block linear takes that
-    path, and the logits stay within bf16's distance of the float32 core fake-quant."""
+    """bf16 serving: on AMX CPUs the codes go into our AMX int8 GEMM (`starquant::int8_mm`, the
+    scales and compensation in its epilogue), into vLLM's oneDNN int8 GEMM elsewhere. Every block
+    linear takes that path, and the logits stay within bf16's distance of the float32 core fake-quant."""
     directory = shipped_checkpoints["w8a8"]
     model, tokenizer = load_checkpoint(directory)
     input_ids, attention_mask = fixed_canvases(tokenizer, model.config.mask_token_id)
     info, got, block_outputs, _ = served(directory, input_ids, attention_mask, dtype="bfloat16")
     assert info["dtype"] == "torch.bfloat16"
     assert len(info["codes_gemm"]) == 4 * model.config.n_layers
-    if torch.cpu._is_amx_tile_supported():
-        assert "amx_int8" in info["codes_gemm"].values()
+    assert set(info["codes_gemm"].values()) == {"starquant_amx_int8" if int8_amx() else "onednn_int8"}
     assert_matches_the_core(model, input_ids, attention_mask, got, block_outputs, 0.06)
 
 

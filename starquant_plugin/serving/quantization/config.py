@@ -20,9 +20,12 @@ The scheme's kernel re-quantizes its input per token with absmax / qmax; on the 
 `codes * scales` that gives back exactly `codes` and `scales` (the clipped row maximum sits
 on the largest code), so the per-state clip reaches the integer GEMM unchanged. Where the
 kernel is vLLM's oneDNN int8 GEMM (CPU, W8A8) the codes and scales are handed to it
-directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`); its AMX
-int8 GEMM (bf16/fp16 models on AMX CPUs) takes the codes as 16-bit integers and re-quantizes
-them exactly, the per-token scales applied to its output.
+directly instead, skipping that dequantize / re-quantize pass (`int8_codes_gemm`). On AMX CPUs
+the layer's int8 weights are repacked for our AMX GEMM (`starquant::int8_mm`, `starquant_amx_int8`),
+which takes the codes as they are and applies the per-token and per-channel scales, the bias and
+the compensation in its epilogue (vLLM's own AMX int8 GEMM, which quantizes a bf16 input itself,
+is the fallback for shapes ours does not take: the codes go in as bf16 integers, re-quantized
+exactly, the per-token scales applied to its output).
 
 W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torch's reference
 `_dyn_quant_matmul_4bit`, which keeps 2 bytes per weight and runs at under 1 GFLOP/s. The
@@ -295,20 +298,22 @@ class StarQuantLinearMethod(LinearMethodBase):
                 f"GEMM (group size in {INT4_CPU_GROUPS}, output width a multiple of 8, input width a multiple of "
                 "64); this layer does not fit it"
             )
-        if self.int4_group is None:
+        amx_int8 = self.int4_group is None and self.sgat and self.activation_bits == 8 and _pack_amx_int8(layer)
+        if self.int4_group is None and not amx_int8:
             self.inner.process_weights_after_loading(layer)
         self.add_compensation = not isinstance(layer, RowParallelLinear) or layer.tp_rank == 0
-        self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 else None
+        self.int8_codes_gemm = _codes_int8_kernel(layer) if self.sgat and self.activation_bits == 8 and not amx_int8 \
+            else None
         # Which integer GEMM takes this layer's codes (None: vLLM's own method, on what SGAT hands it).
-        self.codes_gemm = int4_layout or _int8_kernel_name(self.int8_codes_gemm)
+        self.codes_gemm = int4_layout or ("starquant_amx_int8" if amx_int8 else _int8_kernel_name(self.int8_codes_gemm))
         # The AMX GEMMs take bf16 codes (the int4 one with its sentinel group): our quantize op writes them so.
         self.codes_pad = {"amx_int4": self.int4_group, "amx_int8": 0}.get(self.codes_gemm) \
             if self.params_dtype == torch.bfloat16 else None
         if self.int4_group is not None and not self.sgat:  # plain per-token codes: the same op, no shift or clip
             self.plain_shift = torch.zeros(2, layer.input_size_per_partition)
             self.plain_clip = torch.ones(2)
-        if (self.sgat and self.activation_bits is not None and self.int8_codes_gemm is None
-                and self.int4_group is None and self.params_dtype == torch.bfloat16):
+        if (self.sgat and self.activation_bits is not None and self.codes_gemm is None
+                and self.params_dtype == torch.bfloat16):
             _warn_inexact_codes_once(layer.prefix)
         # Loaded in float32; the tensors applied to activations take the model's dtype once, here.
         # sgat_quantize keeps the shift and clip in float32 (it computes in float32); TAC takes
@@ -330,8 +335,14 @@ class StarQuantLinearMethod(LinearMethodBase):
             if self.activation_bits is not None:
                 codes, scales = _quantize(x, context.states, layer.sgat_shift, layer.sgat_clip, self.rotation_block,
                                           self.activation_bits, self.codes_pad)
-                if self.int8_codes_gemm is not None or self.int4_group is not None:
+                if self.codes_gemm is not None:
                     compensation = layer.sgat_compensation if self.add_compensation else None
+                    if self.codes_gemm == "starquant_amx_int8":
+                        shape = codes.shape
+                        output = torch.ops.starquant.int8_mm(
+                            codes.reshape(-1, shape[-1]), layer.starquant_int8, layer.starquant_int8_scales, scales,
+                            compensation, context.states if compensation is not None else None, bias, x.dtype)
+                        return output.reshape(*shape[:-1], output.shape[-1])
                     if self.int4_group is not None:
                         return _int4_codes_gemm(layer, self.int4_group, self.codes_gemm, codes, scales, bias, x.dtype,
                                                 compensation, context.states)
@@ -390,6 +401,31 @@ def _codes_int8_kernel(layer):
     if method == getattr(kernel, "_apply_weights_sgl", None) and bool((layer.sgat_clip <= 1).all()):
         return kernel
     return None
+
+
+def _pack_amx_int8(layer) -> bool:
+    """Repack a CPU W8A8 layer's int8 weights for our AMX GEMM (`starquant::int8_mm`), in place of
+    vLLM's processing of them; False (nothing changed) where that GEMM does not apply: no AMX,
+    another kernel or scheme, a static input scale, widths it does not take (n a multiple of 32,
+    k of 64)."""
+    kernel = getattr(getattr(layer, "scheme", None), "kernel", None)
+    if (type(kernel).__name__ != "CPUInt8ScaledMMLinearKernel" or not kernel.config.input_symmetric
+            or kernel.config.is_static_input_scheme or not ops.int8_amx()):
+        return False
+    weight_name, scale_name, *_ = kernel.layer_param_names
+    weight, scale = getattr(layer, weight_name).data, getattr(layer, scale_name).data
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or n % 32 or k % 64:
+        return False
+    if scale.numel() != n:  # per-tensor scales of a fused layer (q/k/v, gate/up): one per output channel
+        from vllm.model_executor.layers.quantization.utils.w8a8_utils import convert_to_channelwise
+
+        scale = convert_to_channelwise(scale, layer.logical_widths)
+    layer.register_parameter("starquant_int8", Parameter(ops.pack_int8_amx(weight), requires_grad=False))
+    layer.register_parameter("starquant_int8_scales",
+                             Parameter(scale.reshape(-1).float().contiguous(), requires_grad=False))
+    layer._parameters[weight_name] = None  # vLLM's copy: never read on this path
+    return True
 
 
 def _int8_kernel_name(kernel) -> str | None:

@@ -16,8 +16,12 @@ compilation can trace them (fake implementations give shapes and dtypes).
   weights packed by `pack_int4_vnni`, with group scales, then `add_state_rows`'s epilogue: the W4A8 /
   W4A4 GEMM of CPUs with AVX512-VNNI or AVX2 and no AMX (`csrc/int4_vnni.c`: exact int32 sums per
   group; `int4_kernels()` lists the kernels this CPU runs).
+- `int8_mm(codes, packed, col_scales, row_scales, table, states, bias, dtype)`: int8 codes times
+  int8 weights packed by `pack_int8_amx`, then the per-token and per-channel scales, the bias and
+  SGAT's per-state compensation in one epilogue: the W8A8 GEMM of AMX CPUs (`csrc/int8_amx.c`;
+  `int8_amx()` says whether this CPU runs it), which takes SGAT's codes as they are.
 
-On CPU `sgat_quantize`, `sgat_quantize_padded`, `add_state_rows` and `int4_mm` run the C kernels built with the package
+On CPU `sgat_quantize`, `sgat_quantize_padded`, `add_state_rows` and `int4_mm` (and `int8_mm` on AMX CPUs) run the C kernels built with the package
 (`csrc/sgat_cpu.c` with `csrc/sgat_avx512.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
 kernels of `triton_ops.py` run when Triton is installed. The default implementation (any
 device without those, and the CPU when the C kernel was not built: `SlowCPUKernelWarning`)
@@ -34,7 +38,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_kernels", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_kernels", "int8_amx", "int8_mm", "pack_int8_amx", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -335,6 +339,112 @@ def _int4_mm_c(codes, packed, scales, group: int, row_scales, table, states, dty
     return output
 
 
+def pack_int8_amx(weight: torch.Tensor) -> torch.Tensor:
+    """int8 weights [n, k] (n a multiple of 32, k of 64) -> `int8_mm`'s packed weights, int8
+    [n / 32, k / 64, 2, 16, 64]: for columns 32 p + 16 h + c and inputs 64 s + 4 q + i, byte
+    [p, s, h, q, 4 c + i] (AMX's B tile layout, csrc/int8_amx.c)."""
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or n % 32 or k % 64:
+        raise ValueError(f"pack_int8_amx: int8 weight [n, k] with n a multiple of 32 and k of 64 expected, got "
+                         f"{weight.dtype} [{n}, {k}]")
+    blocks = weight.reshape(n // 32, 2, 16, k // 64, 16, 4)  # [p, h, c, s, q, i]
+    return blocks.permute(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 64, 2, 16, 64).contiguous()
+
+
+def unpack_int8_amx(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int8_amx`'s inverse: int8 weights [n, k]."""
+    pairs, steps = packed.shape[:2]
+    blocks = packed.reshape(pairs, steps, 2, 16, 16, 4)  # [p, s, h, q, c, i]
+    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(pairs * 32, steps * 64)
+
+
+@torch.library.custom_op("starquant::int8_mm", mutates_args=())
+def int8_mm(codes: torch.Tensor, packed: torch.Tensor, col_scales: torch.Tensor, row_scales: torch.Tensor | None,
+            table: torch.Tensor | None, states: torch.Tensor | None, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes [m, k] times int8 weights [n, k] (`pack_int8_amx`) -> [m, n] in `dtype`: each
+    output times `row_scales` [m] and `col_scales` [n], plus `bias` [n] and `table[states]`
+    (table [2, n]); row_scales, table and bias may be None. Computed in float32 here; the C
+    kernel (AMX CPUs) sums exactly in int32 and rounds once."""
+    _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias)
+    return _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype)
+
+
+def _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype) -> torch.Tensor:
+    weight = unpack_int8_amx(packed).float() * col_scales.reshape(-1, 1).float()
+    output = codes.float() @ weight.t()
+    if row_scales is not None:
+        output *= row_scales.reshape(-1, 1).float()
+    if bias is not None:
+        output += bias.float()
+    if table is not None:
+        output += table.float()[states.long().reshape(-1)]
+    return output.to(dtype)
+
+
+def _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias) -> None:
+    if codes.dim() != 2 or codes.dtype != torch.int8 or packed.dim() != 5 or packed.dtype != torch.int8:
+        raise ValueError(f"int8_mm: codes int8 [m, k] and packed int8 [n / 32, k / 64, 2, 16, 64] expected, got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {packed.dtype} {tuple(packed.shape)}")
+    m, k = codes.shape
+    n = packed.shape[0] * 32
+    _check_shape("packed", tuple(packed.shape), (n // 32, k // 64, 2, 16, 64))
+    _check_shape("col_scales", col_scales.numel(), n)
+    if row_scales is not None:
+        _check_shape("row_scales", row_scales.numel(), m)
+    if bias is not None:
+        _check_shape("bias", bias.numel(), n)
+    if table is not None:
+        _check_shape("table", tuple(table.shape), (2, n))
+        _check_shape("states", -1 if states is None else states.numel(), m)
+
+
+@int8_mm.register_fake
+def _(codes, packed, col_scales, row_scales, table, states, bias, dtype):
+    return codes.new_empty((codes.shape[0], packed.shape[0] * 32), dtype=dtype)
+
+
+@functools.cache
+def int8_amx() -> bool:
+    """Whether this CPU runs `int8_mm`'s AMX kernel (AMX-INT8, and the C extension built)."""
+    try:
+        from . import _sgat_cpu
+    except ImportError:
+        return False
+    return bool(_sgat_cpu.int8_amx_supported())
+
+
+def int8_mm_cpu(codes, packed, col_scales, row_scales, table, states, bias, dtype):
+    """The AMX kernel of `starquant::int8_mm` (same contract) where this CPU runs it; the torch code otherwise."""
+    from . import _sgat_cpu
+
+    if not int8_amx():
+        _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias)
+        return _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype)
+    _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias)
+    m, k = codes.shape
+    n = packed.shape[0] * 32
+    out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # float16: cast once after
+    table = table.to(out_dtype).contiguous() if table is not None else None
+    states = states.reshape(-1).long().contiguous() if table is not None else None
+    row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
+    bias = bias.reshape(-1).float().contiguous() if bias is not None else None
+    codes, packed, col_scales = codes.contiguous(), packed.contiguous(), col_scales.reshape(-1).float().contiguous()
+    output = torch.empty((m, n), dtype=out_dtype)
+    if m:
+        threads = torch.get_num_threads()
+        padded = (m + 15) // 16 * 16  # the kernel's scratch: codes regrouped by tiles, each thread's int32 sums
+        tiles = torch.empty((padded, k), dtype=torch.int8)
+        sums = torch.empty((threads, padded, _sgat_cpu.INT8_AMX_PANEL_COLUMNS), dtype=torch.int32)
+        _sgat_cpu.int8_amx_mm(codes.data_ptr(), packed.data_ptr(), col_scales.data_ptr(),
+                              row_scales.data_ptr() if row_scales is not None else 0,
+                              table.data_ptr() if table is not None else 0,
+                              states.data_ptr() if table is not None else 0,
+                              bias.data_ptr() if bias is not None else 0, output.data_ptr(), tiles.data_ptr(),
+                              sums.data_ptr(), m, n, k, int(out_dtype == torch.bfloat16), threads)
+    return output if out_dtype == dtype else output.to(dtype)
+
+
 def _check_shape(name: str, got, expected) -> None:
     if got != expected:
         raise ValueError(f"starquant op: {name} has shape/size {got}, expected {expected}")
@@ -350,6 +460,7 @@ def _register_cpu_kernel() -> bool:
     sgat_quantize_padded.register_kernel("cpu")(sgat_quantize_padded_cpu)
     add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
     int4_mm.register_kernel("cpu")(int4_mm_cpu)
+    int8_mm.register_kernel("cpu")(int8_mm_cpu)
     return True
 
 

@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "int4_vnni.h"
+#include "int8_amx.h"
 #include "sgat_avx512.h"
 #include "vec16.h"
 #include <math.h>
@@ -351,6 +352,29 @@ static PyObject *int4_vnni_mm_entry(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *int8_amx_mm_entry(PyObject *self, PyObject *args) {
+    unsigned long long codes, packed, col_scales, row_scales, table, states, bias, out, tiles, sums;
+    long long m, n, k;
+    int bf16, threads, failed;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLii", &codes, &packed, &col_scales, &row_scales, &table, &states, &bias, &out,
+                          &tiles, &sums, &m, &n, &k, &bf16, &threads))
+        return NULL;
+    Int8AmxTask task = {(const int8_t *)codes, (const int8_t *)packed, (const float *)col_scales, (const float *)row_scales,
+                        (const void *)table, (const int64_t *)states, (const float *)bias, (void *)out, (int8_t *)tiles,
+                        (int32_t *)sums, m, n, k, bf16};
+    Py_BEGIN_ALLOW_THREADS
+    failed = int8_amx_mm(&task, threads);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "int8_amx_mm: this CPU has no AMX-INT8 (or the OS refused it), or n is not a "
+                                          "multiple of 32, or k of 64");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *int8_amx_supported_entry(PyObject *self, PyObject *args) { return PyBool_FromLong(int8_amx_supported()); }
+
 static PyObject *int4_mm_kernels_entry(PyObject *self, PyObject *args) {
     static const struct {
         const char *name;
@@ -381,10 +405,19 @@ static PyMethodDef methods[] = {
      "threads, kernel): "
      "the W4A8 GEMM of int4_vnni.c on addresses of contiguous buffers (row_scales, table: 0 for none) with `kernel`, "
      "a value of int4_mm_kernels()."},
+    {"int8_amx_mm", int8_amx_mm_entry, METH_VARARGS,
+     "int8_amx_mm(codes, packed, col_scales, row_scales, table, states, bias, out, tiles, sums, m, n, k, bf16, threads): "
+     "the W8A8 GEMM of int8_amx.c on addresses of contiguous buffers (row_scales, table, bias: 0 for none)."},
+    {"int8_amx_supported", int8_amx_supported_entry, METH_NOARGS,
+     "Whether this CPU runs int8_amx_mm (AMX-TILE and AMX-INT8, tile state granted by the OS)."},
     {"int4_mm_kernels", int4_mm_kernels_entry, METH_NOARGS,
      "The int4_vnni_mm kernels this CPU runs, fastest first: {name: kernel}, names avx512_vnni and avx2."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sgat_cpu", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__sgat_cpu(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__sgat_cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "INT8_AMX_PANEL_COLUMNS", INT8_AMX_PANEL_COLUMNS)) Py_CLEAR(m);
+    return m;
+}
