@@ -1,6 +1,6 @@
 """What SGAT adds to one W8A8 linear on this CPU, at LLaDA-8B shapes, op by op (serve environment).
 
-    OMP_NUM_THREADS=1 .venv/serve/bin/python examples/bench_sgat_overhead.py [--tokens 512]
+    OMP_NUM_THREADS=1 .venv/serve/bin/python examples/bench_sgat_overhead.py [--tokens 512] [--repeats 5]
 
 For the q/k/v input (k=4096 -> n=12288) and the down projection (k=12288 -> n=4096), bf16
 activations, half the tokens masked:
@@ -16,19 +16,21 @@ activations, half the tokens masked:
   compensation in its epilogue (what a STaR-Quant W8A8 layer runs there after `sgat_quantize`);
 - `rotation bf16` / `rotation fp32`: the block-Hadamard matmul alone in each dtype (why the op
   computes in float32 on CPU).
-Prints milliseconds per call (median of 5 after one warm-up) and the SGAT share of the GEMM.
+Prints milliseconds per call (median of `--repeats`, the ops called in turn, after one warm-up) and
+the SGAT share of the GEMM.
 """
 
 import argparse
 
 import torch
 
-from timing import timed  # examples/timing.py
+from timing import timed_together  # examples/timing.py
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5, help="calls of each op, taken in turn (the median is printed)")
     args = parser.parse_args()
     from vllm import _custom_ops as vllm_ops
 
@@ -88,7 +90,7 @@ def main() -> None:
                                                    torch.bfloat16)
 
             rows["plain on int8_mm"] = plain_int8_mm
-        times = {name: timed(fn, repeats=5) for name, fn in rows.items()}
+        times = timed_together(rows, args.repeats)
         for name, seconds in times.items():
             print(f"{f'{k} -> {n}':<14} {name:<16} {seconds * 1e3:>8.2f}")
         print(f"{f'{k} -> {n}':<14} sgat_quantize / vLLM's quantize: {times['sgat_quantize'] / times['vllm quantize']:.2f}x "
