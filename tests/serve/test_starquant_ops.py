@@ -297,10 +297,11 @@ def test_wna16_embedding_cpu_lookup_dequantizes_the_packed_rows(bits, group):
 def _int4_layout_runs(layout: str) -> bool:
     from starquant_plugin.serving.quantization import config
 
-    return {"amx_int4": config.amx_int4_gemm(), "vnni_int4": ops.int4_kernels()}.get(layout, True)
+    return {"amx_int4": config.amx_int4_gemm(), "vnni_int4": ops.int4_kernels(),
+            "starquant_amx_int4": ops.int8_amx()}.get(layout, True)
 
 
-@pytest.mark.parametrize("layout", ["int4pack", "vnni_int4", "amx_int4"])
+@pytest.mark.parametrize("layout", ["int4pack", "vnni_int4", "amx_int4", "starquant_amx_int4"])
 @pytest.mark.parametrize("bits, clip", [(8, 1.0), (8, 1.5), (4, 1.0)])
 def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     """Packed int4 weights times activation codes of any bit width and clip (a clip above 1 leaves
@@ -310,7 +311,7 @@ def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     from starquant_plugin.serving.quantization import config
 
     if not _int4_layout_runs(layout):
-        pytest.skip(f"{layout} needs a CPU with {'AMX' if layout == 'amx_int4' else 'AVX2 or AVX512-VNNI'}")
+        pytest.skip(f"{layout} needs a CPU with {'AVX2 or AVX512-VNNI' if layout == 'vnni_int4' else 'AMX'}")
     g = torch.Generator().manual_seed(bits)
     n, k, group, tokens = 64, 256, 64, 9
     weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
@@ -325,8 +326,9 @@ def test_int4_codes_gemm_takes_the_codes_exactly(layout, bits, clip):
     states = torch.arange(tokens) % 2
     compensation = torch.randn(2, n, generator=g).to(torch.bfloat16)
     got = config._int4_codes_gemm(layer, group, layout, codes, scales, None, torch.bfloat16, compensation, states).float()
-    # The AMX and int4pack kernels hold the group scales in bf16, ours in float32.
-    held_scale = weight_scale.double() if layout == "vnni_int4" else weight_scale.to(torch.bfloat16).double()
+    # vLLM's AMX kernel and int4pack hold the group scales in bf16, ours in float32.
+    held_scale = weight_scale.double() if layout in ("vnni_int4", "starquant_amx_int4") \
+        else weight_scale.to(torch.bfloat16).double()
     dense = weight.double() * held_scale.repeat_interleave(group, 1)
     exact = (codes.double() @ dense.t()) * scales.double()
     assert torch.equal(got[0], compensation[0].float())  # an all-zero row: only its compensation
@@ -481,3 +483,80 @@ def test_int8_mm_refuses_mismatched_operands(kernel):
                 torch.ops.starquant.int8_mm(*args, torch.float32)
     with pytest.raises(ValueError, match="n a multiple of 32 and k of 64"):
         ops.pack_int8_amx(torch.zeros(48, 64, dtype=torch.int8))
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens, n, k, group", [(1, 32, 64, 64), (17, 64, 256, 128), (33, 288, 3072, 256),
+                                                 (48, 96, 2112, 64)])
+def test_int4_amx_mm_sums_each_group_exactly(tokens, n, k, group):
+    """The AMX kernel of `starquant::int4_amx_mm` against the exact product in float64: each group's
+    int32 sum is exact (the extreme codes and weights included), so a float32 output differs from
+    it only by float32 rounding of the group scaling; bf16 by one more rounding. Covered: several
+    1,024-input chunks and a partial last one, partial panels and row tiles; the packing
+    round-trips; with the kernel disabled the op's torch code agrees."""
+    g = torch.Generator().manual_seed(n + k + group)
+    weight = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    weight[0], weight[1] = -8, 7
+    codes = torch.randint(-128, 128, (tokens, k), generator=g, dtype=torch.int8)
+    codes[0], codes[-1, : k // 2] = 127, -128
+    group_scales = torch.rand(k // group, n, generator=g) * 0.01 + 0.001
+    row_scales = torch.rand(tokens, generator=g) + 0.5
+    states = torch.randint(0, 2, (tokens,), generator=g)
+    table, bias = torch.randn(2, n, generator=g), torch.randn(n, generator=g)
+    packed = ops.pack_int4_amx(weight)
+    assert packed.shape == (n // 32, k // 64, 2, 8, 64) and torch.equal(ops.unpack_int4_amx(packed), weight)
+    groups = torch.einsum("tgi,ngi,gn->tgn", codes.double().view(tokens, -1, group), weight.double().view(n, -1, group),
+                          group_scales.double()) * row_scales.double()[:, None, None]
+    exact = groups.sum(1)
+    got = torch.ops.starquant.int4_amx_mm(codes, packed, group_scales, group, row_scales, table, states, bias,
+                                          torch.float32)
+    expected = exact + bias.double() + table.double()[states]
+    # float32 adds up the scaled group sums: a rounding of up to 2^-24 of the running magnitude per group
+    assert ((got.double() - expected).abs() <= 2 ** -22 * (k // group) * groups.abs().sum(1) + 1e-5).all()
+    got_bf16 = torch.ops.starquant.int4_amx_mm(codes, packed, group_scales, group, row_scales, table.bfloat16(), states,
+                                               None, torch.bfloat16)
+    expected_bf16 = exact + table.bfloat16().double()[states]
+    assert ((got_bf16.double() - expected_bf16).abs() <= 2 ** -8 * expected_bf16.abs() + 1e-5).all()
+    with ops.int4_amx_mm.set_kernel_enabled("cpu", False):
+        reference = torch.ops.starquant.int4_amx_mm(codes, packed, group_scales, group, row_scales, table, states, bias,
+                                                    torch.float32)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-3)  # the torch code: float32 sums
+    torch.library.opcheck(torch.ops.starquant.int4_amx_mm.default,
+                          (codes, packed, group_scales, group, row_scales, table, states, bias, torch.float32))
+
+
+@needs_amx
+def test_int4_amx_mm_rows_do_not_depend_on_the_row_count():
+    g = torch.Generator().manual_seed(49)
+    n, k, group = 64, 1152, 128
+    packed = ops.pack_int4_amx(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+    codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
+    group_scales, row_scales = torch.rand(k // group, n, generator=g), torch.rand(48, generator=g)
+    states, table = torch.randint(0, 2, (48,), generator=g), torch.randn(2, n, generator=g).bfloat16()
+    whole = torch.ops.starquant.int4_amx_mm(codes, packed, group_scales, group, row_scales, table, states, None,
+                                            torch.bfloat16)
+    for m in range(1, 48):
+        got = torch.ops.starquant.int4_amx_mm(codes[:m], packed, group_scales, group, row_scales[:m], table,
+                                              states[:m], None, torch.bfloat16)
+        assert torch.equal(got, whole[:m]), m
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_int4_amx_mm_refuses_mismatched_operands(kernel):
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (5, 128), generator=g, dtype=torch.int8)
+    packed = ops.pack_int4_amx(torch.randint(-8, 8, (64, 128), generator=g, dtype=torch.int8))
+    scales = torch.rand(2, 64, generator=g)
+    bad = {
+        r"scales has shape/size \(1, 64\), expected \(2, 64\)": (codes, packed, scales[:1], 64, None, None, None, None),
+        "group 48 does not divide the input width 128": (codes, packed, scales, 48, None, None, None, None),
+        "row_scales has shape/size 4, expected 5": (codes, packed, scales, 64, torch.ones(4), None, None, None),
+        "bias has shape/size 63, expected 64": (codes, packed, scales, 64, None, None, None, torch.zeros(63)),
+        "codes int8": (codes.float(), packed, scales, 64, None, None, None, None),
+    }
+    with ops.int4_amx_mm.set_kernel_enabled("cpu", kernel == "cpu"):
+        for message, args in bad.items():
+            with pytest.raises(ValueError, match=message):
+                torch.ops.starquant.int4_amx_mm(*args, torch.float32)
+    with pytest.raises(ValueError, match=r"integer values in \[-8, 7\]"):
+        ops.pack_int4_amx(torch.full((32, 64), 9, dtype=torch.int8))

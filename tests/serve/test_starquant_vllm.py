@@ -129,9 +129,10 @@ def test_starquant_checkpoint_logits_match_the_core_fake_quant(shipped_checkpoin
     assert info["lm_head_method"] == ("CompressedTensorsLinearMethod" if low_bit_ends else "UnquantizedEmbeddingMethod")
     if not torch.cuda.is_available():  # CPU: codes go straight into oneDNN's int8 GEMM / the packed int4 GEMM
         assert len(info["codes_gemm"]) == 4 * model.config.n_layers
-        if bits.startswith("w4"):  # vLLM's AMX W4A8 kernel with AMX, ours with AVX512-VNNI, torch's int4pack GEMM elsewhere
+        if bits.startswith("w4"):  # ours with AMX (groups of 128 here) or AVX512-VNNI / AVX2, torch's int4pack GEMM elsewhere
             assert set(info["codes_gemm"].values()) == {
-                "amx_int4" if amx_int4_gemm() else "vnni_int4" if int4_kernels() else "int4pack"}
+                "starquant_amx_int4" if int8_amx() else "amx_int4" if amx_int4_gemm() else "vnni_int4" if int4_kernels()
+                else "int4pack"}
         else:  # our AMX int8 GEMM with AMX, vLLM's oneDNN one elsewhere
             assert set(info["codes_gemm"].values()) == {"starquant_amx_int8" if int8_amx() else "onednn_int8"}
     block0 = model.model.transformer.blocks[0]

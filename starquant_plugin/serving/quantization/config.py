@@ -31,9 +31,10 @@ W4A8 on CPU: vLLM's kernel (`Dynamic4bitLinearKernel`) falls back on x86 to torc
 `_dyn_quant_matmul_4bit`, which keeps 2 bytes per weight and runs at under 1 GFLOP/s. The
 layer keeps its int4 weights packed instead and multiplies the codes (exact in bf16) by them,
 then scales each token's row: y = scale_t * (codes @ W_int4 * s_group). On AMX CPUs the GEMM
-is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, which quantizes its input itself: a sentinel
-column makes that exact, see `_int4_codes_gemm`); on CPUs with AVX512-VNNI or AVX2 and no AMX our
-own (`starquant::int4_mm`: int8 dot products, exact int32 sums per group, the per-token scales and
+is ours (`starquant::int4_amx_mm`: AMX-INT8 tiles, exact int32 sums per group, the scales and the
+compensation in its epilogue) or, for groups of 32, vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`,
+which quantizes its input itself: a sentinel column makes that exact, see `_int4_codes_gemm`); on
+CPUs with AVX512-VNNI or AVX2 and no AMX our own (`starquant::int4_mm`: int8 dot products, exact int32 sums per group, the per-token scales and
 the compensation in its epilogue); elsewhere torch's `_weight_int4pack_mm_for_cpu`.
 Under tensor parallelism the column-parallel layers hold their slice of the compensation;
 row-parallel layers add it on rank 0 only (it is then all-reduced once, like a bias), and
@@ -480,7 +481,8 @@ def _pack_cpu_int4(layer) -> tuple[int, str] | None:
     int8 values in [-8, 7]) or as WNA8Int does (`pack-quantized`: eight values per int32,
     unpacked with compressed-tensors' own `unpack_from_int32`).
 
-    On AMX CPUs the GEMM is vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, AWQ-blocked weights),
+    On AMX CPUs the GEMM is ours (`starquant::int4_amx_mm`, `ops.pack_int4_amx`, groups of 64-256) or
+    vLLM's AMX W4A8 kernel (`int4_scaled_mm_cpu`, AWQ-blocked weights, groups of 32),
     with one zero-weight group appended (see `_int4_codes_gemm`); on AVX512-VNNI or AVX2 CPUs
     `starquant::int4_mm` (`ops.pack_int4_vnni`, float32 group scales); elsewhere torch's
     `_weight_int4pack_mm_for_cpu` (two values per byte, bf16 group scales)."""
@@ -503,22 +505,26 @@ def _pack_cpu_int4(layer) -> tuple[int, str] | None:
     for name in ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
         if name in layer._parameters:
             layer._parameters[name] = None
-    layout = int4_layout(n)
+    layout = int4_layout(n, group)
     for name, tensor in pack_int4(weight, weight_scale, group, layout).items():
         layer.register_parameter(name, Parameter(tensor, requires_grad=False))
     return group, layout
 
 
 # The CPU int4 GEMMs, fastest first (`int4_layout`); `model_info()["codes_gemm"]` names them.
-INT4_LAYOUTS = ("amx_int4", "vnni_int4", "int4pack")
+INT4_LAYOUTS = ("starquant_amx_int4", "amx_int4", "vnni_int4", "int4pack")
 
 
-def int4_layout(n: int) -> str:
-    """The int4 GEMM for a layer of `n` output channels on this CPU: vLLM's AMX W4A8 kernel
-    (`amx_int4`, n a multiple of its 32-channel tiles), ours on AVX512-VNNI or AVX2 (`vnni_int4`,
+def int4_layout(n: int, group: int) -> str:
+    """The int4 GEMM for a layer of `n` output channels and weight groups of `group` on this CPU:
+    ours on AMX (`starquant_amx_int4`, `starquant::int4_amx_mm`: the codes as they are, exact
+    int32 sums per group; n a multiple of 32, groups of 64, 128 or 256), vLLM's AMX W4A8 kernel
+    (`amx_int4`, other groups; n a multiple of its 32-channel tiles), ours on AVX512-VNNI or AVX2 (`vnni_int4`,
     the weights packed for VNNI dot products, which the AVX2 kernel reads too: 1.8x the bf16 GEMM
     at 512 tokens on an AMD EPYC with AVX512-BF16, docs/performance.md; n a multiple of 32), else
     torch's (`int4pack`)."""
+    if ops.int8_amx() and n % 32 == 0 and group in ops.INT4_AMX_GROUPS:
+        return "starquant_amx_int4"
     if amx_int4_gemm() and n % AMX_INT4_BLOCK_N == 0:
         return "amx_int4"
     if ops.int4_kernels() and n % 32 == 0:
@@ -533,6 +539,9 @@ def pack_int4(weight: torch.Tensor, weight_scale: torch.Tensor, group: int, layo
     if layout == "amx_int4":
         packed, zeros, scales = _amx_int4_pack(weight, weight_scale, group)
         return {"starquant_int4": packed, "starquant_int4_scales": scales, "starquant_int4_zeros": zeros}
+    if layout == "starquant_amx_int4":
+        return {"starquant_int4": ops.pack_int4_amx(weight),
+                "starquant_int4_scales": weight_scale.float().t().contiguous()}  # [k / group, n]
     if layout == "vnni_int4":
         return {"starquant_int4": ops.pack_int4_vnni(weight),
                 "starquant_int4_scales": weight_scale.float().t().contiguous()}  # [k / group, n]
@@ -582,6 +591,11 @@ def _int4_codes_gemm(layer, group: int, layout: str, codes: torch.Tensor, scales
     shape = codes.shape
     k = shape[-1]
     codes = codes.reshape(-1, k)
+    if layout == "starquant_amx_int4":  # the scales, the bias, the compensation and the output dtype in its epilogue
+        output = torch.ops.starquant.int4_amx_mm(codes, layer.starquant_int4, layer.starquant_int4_scales, group, scales,
+                                                 compensation, states if compensation is not None else None, bias,
+                                                 dtype)
+        return output.reshape(*shape[:-1], output.shape[-1])
     if layout == "vnni_int4":  # the scales, the compensation and the output dtype in the GEMM's epilogue
         output = torch.ops.starquant.int4_mm(codes, layer.starquant_int4, layer.starquant_int4_scales, group, scales,
                                              compensation, states if compensation is not None else None, dtype)

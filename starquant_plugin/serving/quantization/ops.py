@@ -20,6 +20,9 @@ compilation can trace them (fake implementations give shapes and dtypes).
   int8 weights packed by `pack_int8_amx`, then the per-token and per-channel scales, the bias and
   SGAT's per-state compensation in one epilogue: the W8A8 GEMM of AMX CPUs (`csrc/int8_amx.c`;
   `int8_amx()` says whether this CPU runs it), which takes SGAT's codes as they are.
+- `int4_amx_mm(codes, packed, scales, group, row_scales, table, states, bias, dtype)`: the same
+  with int4 weights packed by `pack_int4_amx` and float32 group scales: the W4A8 / W4A4 GEMM of
+  AMX CPUs (exact int32 sums per weight group, scaled in float32).
 
 On CPU `sgat_quantize`, `sgat_quantize_padded`, `add_state_rows` and `int4_mm` (and `int8_mm` on AMX CPUs) run the C kernels built with the package
 (`csrc/sgat_cpu.c` with `csrc/sgat_avx512.c`: vectorized passes per token, butterfly rotation, every torch thread); on CUDA tensors the Triton
@@ -38,7 +41,7 @@ from ...quantization.quantizers import integer_range, quantize_per_token
 from ...quantization.sgat import SGATSite, sgat_transform_input
 from ...quantization.tac import TACMap, apply_tac
 
-__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_kernels", "int8_amx", "int8_mm", "pack_int8_amx", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
+__all__ = ["SlowCPUKernelWarning", "add_state_rows", "int4_mm", "int4_kernels", "int4_amx_mm", "int8_amx", "int8_mm", "pack_int4_amx", "pack_int8_amx", "pack_int4_vnni", "sgat_quantize", "sgat_quantize_padded", "sgat_quantize_torch", "tac", "with_sentinel"]
 
 
 class SlowCPUKernelWarning(UserWarning):
@@ -372,7 +375,11 @@ def int8_mm(codes: torch.Tensor, packed: torch.Tensor, col_scales: torch.Tensor,
 
 def _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype) -> torch.Tensor:
     weight = unpack_int8_amx(packed).float() * col_scales.reshape(-1, 1).float()
-    output = codes.float() @ weight.t()
+    return _epilogue_torch(codes.float() @ weight.t(), row_scales, table, states, bias, dtype)
+
+
+def _epilogue_torch(output, row_scales, table, states, bias, dtype) -> torch.Tensor:
+    """The AMX GEMMs' epilogue on float32 products: row scales, bias, table[states], then `dtype`."""
     if row_scales is not None:
         output *= row_scales.reshape(-1, 1).float()
     if bias is not None:
@@ -390,6 +397,10 @@ def _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias) -
     n = packed.shape[0] * 32
     _check_shape("packed", tuple(packed.shape), (n // 32, k // 64, 2, 16, 64))
     _check_shape("col_scales", col_scales.numel(), n)
+    _check_epilogue(m, n, row_scales, table, states, bias)
+
+
+def _check_epilogue(m: int, n: int, row_scales, table, states, bias) -> None:
     if row_scales is not None:
         _check_shape("row_scales", row_scales.numel(), m)
     if bias is not None:
@@ -416,32 +427,102 @@ def int8_amx() -> bool:
 
 def int8_mm_cpu(codes, packed, col_scales, row_scales, table, states, bias, dtype):
     """The AMX kernel of `starquant::int8_mm` (same contract) where this CPU runs it; the torch code otherwise."""
-    from . import _sgat_cpu
-
-    if not int8_amx():
-        _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias)
-        return _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype)
     _check_int8_mm(codes, packed, col_scales, row_scales, table, states, bias)
+    if not int8_amx():
+        return _int8_mm_torch(codes, packed, col_scales, row_scales, table, states, bias, dtype)
+    return _amx_mm(codes, packed, None, col_scales, 0, packed.shape[0] * 32, row_scales, table, states, bias, dtype)
+
+
+def pack_int4_amx(weight: torch.Tensor) -> torch.Tensor:
+    """int4 values [n, k] in [-8, 7] (n a multiple of 32, k of 64) -> `int4_amx_mm`'s packed weights,
+    uint8 [n / 32, k / 64, 2, 8, 64]: `pack_int8_amx`'s tiles with rows q and q + 8 of each tile in
+    the low and the high nibble of one byte row, stored + 8 (csrc/int8_amx.c)."""
+    if weight.dtype.is_floating_point or weight.numel() and (int(weight.min()) < -8 or int(weight.max()) > 7):
+        raise ValueError(f"pack_int4_amx: integer values in [-8, 7] expected, got {weight.dtype}")
+    tiles = (pack_int8_amx(weight.to(torch.int8)).to(torch.int16) + 8).to(torch.uint8)  # [n / 32, k / 64, 2, 16, 64]
+    return (tiles[..., :8, :] | (tiles[..., 8:, :] << 4)).contiguous()
+
+
+def unpack_int4_amx(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int4_amx`'s inverse: int8 values [n, k] in [-8, 7]."""
+    tiles = torch.cat([packed & 15, packed >> 4], dim=-2)
+    return unpack_int8_amx((tiles.to(torch.int16) - 8).to(torch.int8))
+
+
+@torch.library.custom_op("starquant::int4_amx_mm", mutates_args=())
+def int4_amx_mm(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int,
+                row_scales: torch.Tensor | None, table: torch.Tensor | None, states: torch.Tensor | None,
+                bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes [m, k] times int4 weights [n, k] (`pack_int4_amx`) with float32 group scales
+    [k / group, n] -> [m, n] in `dtype`, with `int8_mm`'s epilogue (row_scales, bias, table[states];
+    each may be None). Computed in float32 here; the AMX kernel sums each group exactly in int32."""
+    _check_int4_amx_mm(codes, packed, scales, group, row_scales, table, states, bias)
+    return _int4_amx_mm_torch(codes, packed, scales, group, row_scales, table, states, bias, dtype)
+
+
+def _check_int4_amx_mm(codes, packed, scales, group: int, row_scales, table, states, bias) -> None:
+    if codes.dim() != 2 or codes.dtype != torch.int8 or packed.dim() != 5 or packed.dtype != torch.uint8:
+        raise ValueError(f"int4_amx_mm: codes int8 [m, k] and packed uint8 [n / 32, k / 64, 2, 8, 64] expected, got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {packed.dtype} {tuple(packed.shape)}")
     m, k = codes.shape
     n = packed.shape[0] * 32
+    if group <= 0 or k % group:
+        raise ValueError(f"int4_amx_mm: group {group} does not divide the input width {k}")
+    _check_shape("packed", tuple(packed.shape), (n // 32, k // 64, 2, 8, 64))
+    _check_shape("scales", tuple(scales.shape), (k // group, n))
+    _check_epilogue(m, n, row_scales, table, states, bias)
+
+
+def _int4_amx_mm_torch(codes, packed, scales, group: int, row_scales, table, states, bias, dtype) -> torch.Tensor:
+    weight = unpack_int4_amx(packed).float() * scales.float().t().repeat_interleave(group, 1)
+    return _epilogue_torch(codes.float() @ weight.t(), row_scales, table, states, bias, dtype)
+
+
+@int4_amx_mm.register_fake
+def _(codes, packed, scales, group, row_scales, table, states, bias, dtype):
+    return codes.new_empty((codes.shape[0], packed.shape[0] * 32), dtype=dtype)
+
+
+def int4_amx_mm_cpu(codes, packed, scales, group: int, row_scales, table, states, bias, dtype):
+    """The AMX kernel of `starquant::int4_amx_mm` (same contract) where this CPU runs it and the group
+    is a multiple of 64 dividing 1,024; the torch code otherwise."""
+    _check_int4_amx_mm(codes, packed, scales, group, row_scales, table, states, bias)
+    if not (int8_amx() and group in INT4_AMX_GROUPS):
+        return _int4_amx_mm_torch(codes, packed, scales, group, row_scales, table, states, bias, dtype)
+    return _amx_mm(codes, None, packed, scales, group, packed.shape[0] * 32, row_scales, table, states, bias, dtype)
+
+
+# Weight groups the AMX int4 kernel takes: whole 64-input tiles, whole groups in its 1,024-input chunks.
+INT4_AMX_GROUPS = (64, 128, 256)
+
+
+def _amx_mm(codes, packed, packed4, col_scales, group: int, n: int, row_scales, table, states, bias, dtype):
+    """csrc/int8_amx.c on checked operands: int8 weights (`packed`) or int4 ones (`packed4`, group scales)."""
+    from . import _sgat_cpu
+
+    m, k = codes.shape
     out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # float16: cast once after
     table = table.to(out_dtype).contiguous() if table is not None else None
     states = states.reshape(-1).long().contiguous() if table is not None else None
     row_scales = row_scales.reshape(-1).float().contiguous() if row_scales is not None else None
     bias = bias.reshape(-1).float().contiguous() if bias is not None else None
-    codes, packed, col_scales = codes.contiguous(), packed.contiguous(), col_scales.reshape(-1).float().contiguous()
+    codes, col_scales = codes.contiguous(), col_scales.float().contiguous()
+    weights = (packed if packed is not None else packed4).contiguous()
     output = torch.empty((m, n), dtype=out_dtype)
     if m:
-        threads = torch.get_num_threads()
-        padded = (m + 15) // 16 * 16  # the kernel's scratch: codes regrouped by tiles, each thread's int32 sums
+        threads, panel = torch.get_num_threads(), _sgat_cpu.INT8_AMX_PANEL_COLUMNS
+        padded = (m + 15) // 16 * 16  # the kernel's scratch: codes regrouped by tiles, each thread's sums
         tiles = torch.empty((padded, k), dtype=torch.int8)
-        sums = torch.empty((threads, padded, _sgat_cpu.INT8_AMX_PANEL_COLUMNS), dtype=torch.int32)
-        _sgat_cpu.int8_amx_mm(codes.data_ptr(), packed.data_ptr(), col_scales.data_ptr(),
+        sums = torch.empty((threads, padded, panel), dtype=torch.int32)
+        unpacked = torch.empty((threads, panel * 1024), dtype=torch.int8) if packed4 is not None else None
+        _sgat_cpu.int8_amx_mm(codes.data_ptr(), weights.data_ptr() if packed is not None else 0,
+                              weights.data_ptr() if packed4 is not None else 0, col_scales.data_ptr(),
                               row_scales.data_ptr() if row_scales is not None else 0,
                               table.data_ptr() if table is not None else 0,
                               states.data_ptr() if table is not None else 0,
                               bias.data_ptr() if bias is not None else 0, output.data_ptr(), tiles.data_ptr(),
-                              sums.data_ptr(), m, n, k, int(out_dtype == torch.bfloat16), threads)
+                              sums.data_ptr(), unpacked.data_ptr() if unpacked is not None else 0, m, n, k, group,
+                              int(out_dtype == torch.bfloat16), threads)
     return output if out_dtype == dtype else output.to(dtype)
 
 
@@ -461,6 +542,7 @@ def _register_cpu_kernel() -> bool:
     add_state_rows.register_kernel("cpu")(add_state_rows_cpu)
     int4_mm.register_kernel("cpu")(int4_mm_cpu)
     int8_mm.register_kernel("cpu")(int8_mm_cpu)
+    int4_amx_mm.register_kernel("cpu")(int4_amx_mm_cpu)
     return True
 
 

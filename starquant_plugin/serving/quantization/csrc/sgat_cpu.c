@@ -353,21 +353,23 @@ static PyObject *int4_vnni_mm_entry(PyObject *self, PyObject *args) {
 }
 
 static PyObject *int8_amx_mm_entry(PyObject *self, PyObject *args) {
-    unsigned long long codes, packed, col_scales, row_scales, table, states, bias, out, tiles, sums;
-    long long m, n, k;
+    unsigned long long codes, packed, packed4, col_scales, row_scales, table, states, bias, out, tiles, sums, weights;
+    long long m, n, k, group;
     int bf16, threads, failed;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLii", &codes, &packed, &col_scales, &row_scales, &table, &states, &bias, &out,
-                          &tiles, &sums, &m, &n, &k, &bf16, &threads))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKKLLLLii", &codes, &packed, &packed4, &col_scales, &row_scales, &table, &states,
+                          &bias, &out, &tiles, &sums, &weights, &m, &n, &k, &group, &bf16, &threads))
         return NULL;
-    Int8AmxTask task = {(const int8_t *)codes, (const int8_t *)packed, (const float *)col_scales, (const float *)row_scales,
-                        (const void *)table, (const int64_t *)states, (const float *)bias, (void *)out, (int8_t *)tiles,
-                        (int32_t *)sums, m, n, k, bf16};
+    Int8AmxTask task = {(const int8_t *)codes, (const int8_t *)packed, (const uint8_t *)packed4, (const float *)col_scales,
+                        group, (const float *)row_scales, (const void *)table, (const int64_t *)states,
+                        (const float *)bias, (void *)out, (int8_t *)tiles, (int32_t *)sums, (int8_t *)weights, m, n, k,
+                        bf16};
     Py_BEGIN_ALLOW_THREADS
     failed = int8_amx_mm(&task, threads);
     Py_END_ALLOW_THREADS
     if (failed) {
         PyErr_SetString(PyExc_ValueError, "int8_amx_mm: this CPU has no AMX-INT8 (or the OS refused it), or n is not a "
-                                          "multiple of 32, or k of 64");
+                                          "multiple of 32, or k of 64, or the int4 group not a multiple of 64 dividing "
+                                          "1024 and k");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -406,8 +408,9 @@ static PyMethodDef methods[] = {
      "the W4A8 GEMM of int4_vnni.c on addresses of contiguous buffers (row_scales, table: 0 for none) with `kernel`, "
      "a value of int4_mm_kernels()."},
     {"int8_amx_mm", int8_amx_mm_entry, METH_VARARGS,
-     "int8_amx_mm(codes, packed, col_scales, row_scales, table, states, bias, out, tiles, sums, m, n, k, bf16, threads): "
-     "the W8A8 GEMM of int8_amx.c on addresses of contiguous buffers (row_scales, table, bias: 0 for none)."},
+     "int8_amx_mm(codes, packed, packed4, col_scales, row_scales, table, states, bias, out, tiles, sums, weights, m, n, k, "
+     "group, bf16, threads): the W8A8 (packed) or W4A8 (packed4, group scales in col_scales) GEMM of int8_amx.c on "
+     "addresses of contiguous buffers (packed or packed4, row_scales, table, bias: 0 for none)."},
     {"int8_amx_supported", int8_amx_supported_entry, METH_NOARGS,
      "Whether this CPU runs int8_amx_mm (AMX-TILE and AMX-INT8, tile state granted by the OS)."},
     {"int4_mm_kernels", int4_mm_kernels_entry, METH_NOARGS,
