@@ -446,20 +446,33 @@ def test_int8_mm_amx_kernel_sums_exactly(tokens, n, k):
 
 
 @needs_amx
-def test_int8_mm_amx_rows_do_not_depend_on_the_row_count():
-    """Every row count 1-48 gives, bit for bit, the first rows of the 48-row product: a row's
-    output does not depend on the rows tiled with it (tiles of 16 and 32 rows, zero padding)."""
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_amx_gemms_rows_do_not_depend_on_the_row_count(weights):
+    """`int8_mm` and `int4_amx_mm` on AMX: every row count 1-48 gives, bit for bit, the first rows of
+    the 48-row product: a row's output does not depend on the rows tiled with it (tiles of 16 and
+    32 rows, zero padding)."""
     g = torch.Generator().manual_seed(48)
-    n, k = 64, 1152
-    packed = ops.pack_int8_amx(torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8))
+    n, k, group = 64, 1152, 128
     codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
-    col_scales, row_scales = torch.rand(n, generator=g), torch.rand(48, generator=g)
+    row_scales = torch.rand(48, generator=g)
     states, table = torch.randint(0, 2, (48,), generator=g), torch.randn(2, n, generator=g).bfloat16()
-    whole = torch.ops.starquant.int8_mm(codes, packed, col_scales, row_scales, table, states, None, torch.bfloat16)
+    if weights == "int8":
+        packed, col_scales = ops.pack_int8_amx(torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)), \
+            torch.rand(n, generator=g)
+
+        def gemm(m):
+            return torch.ops.starquant.int8_mm(codes[:m], packed, col_scales, row_scales[:m], table, states[:m], None,
+                                               torch.bfloat16)
+    else:
+        packed, group_scales = ops.pack_int4_amx(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)), \
+            torch.rand(k // group, n, generator=g)
+
+        def gemm(m):
+            return torch.ops.starquant.int4_amx_mm(codes[:m], packed, group_scales, group, row_scales[:m], table,
+                                                   states[:m], None, torch.bfloat16)
+    whole = gemm(48)
     for m in range(1, 48):
-        got = torch.ops.starquant.int8_mm(codes[:m], packed, col_scales, row_scales[:m], table, states[:m], None,
-                                          torch.bfloat16)
-        assert torch.equal(got, whole[:m]), m
+        assert torch.equal(gemm(m), whole[:m]), m
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "torch"])
@@ -523,22 +536,6 @@ def test_int4_amx_mm_sums_each_group_exactly(tokens, n, k, group):
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-3)  # the torch code: float32 sums
     torch.library.opcheck(torch.ops.starquant.int4_amx_mm.default,
                           (codes, packed, group_scales, group, row_scales, table, states, bias, torch.float32))
-
-
-@needs_amx
-def test_int4_amx_mm_rows_do_not_depend_on_the_row_count():
-    g = torch.Generator().manual_seed(49)
-    n, k, group = 64, 1152, 128
-    packed = ops.pack_int4_amx(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
-    codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
-    group_scales, row_scales = torch.rand(k // group, n, generator=g), torch.rand(48, generator=g)
-    states, table = torch.randint(0, 2, (48,), generator=g), torch.randn(2, n, generator=g).bfloat16()
-    whole = torch.ops.starquant.int4_amx_mm(codes, packed, group_scales, group, row_scales, table, states, None,
-                                            torch.bfloat16)
-    for m in range(1, 48):
-        got = torch.ops.starquant.int4_amx_mm(codes[:m], packed, group_scales, group, row_scales[:m], table,
-                                              states[:m], None, torch.bfloat16)
-        assert torch.equal(got, whole[:m]), m
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "torch"])

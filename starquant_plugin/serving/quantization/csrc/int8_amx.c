@@ -161,6 +161,34 @@ AMX_TARGET static void store_rows(const Int8AmxTask *t, const int32_t *sums, int
     }
 }
 
+/* Input steps [from, to) (64 inputs each) of a 32 x 32 output tile into accumulator tiles 0-3:
+ * codes tiles at a0 + s * TILE (rows 0-15) and a1 + s * TILE (rows 16-31, when `two`), the pair's
+ * two weight tiles at b + s * 2 * TILE. */
+AMX_TARGET static inline __attribute__((always_inline)) void tile_steps(const int8_t *a0, const int8_t *a1,
+                                                                        const int8_t *b, int64_t from, int64_t to,
+                                                                        int two) {
+    if (two) {
+        for (int64_t s = from; s < to; s++) {
+            _tile_loadd(6, b + s * 2 * TILE, TILE_BYTES);
+            _tile_loadd(7, b + s * 2 * TILE + TILE, TILE_BYTES);
+            _tile_loadd(4, a0 + s * TILE, TILE_BYTES);
+            _tile_loadd(5, a1 + s * TILE, TILE_BYTES);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+    } else {
+        for (int64_t s = from; s < to; s++) {
+            _tile_loadd(6, b + s * 2 * TILE, TILE_BYTES);
+            _tile_loadd(7, b + s * 2 * TILE + TILE, TILE_BYTES);
+            _tile_loadd(4, a0 + s * TILE, TILE_BYTES);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+        }
+    }
+}
+
 /* Output columns [32 * first_pair, 32 * (first_pair + pairs)) for every row; `sums` is the
  * thread's scratch [ceil(m / 16) * 16, PANEL]. */
 AMX_TARGET static void run_panel(const Int8AmxTask *t, int64_t first_pair, int64_t pairs, int32_t *sums) {
@@ -187,26 +215,7 @@ AMX_TARGET static void run_panel(const Int8AmxTask *t, int64_t first_pair, int64
                         _tile_loadd(3, acc + TILE_ROWS * PANEL + 16, stride);
                     }
                 }
-                if (two) {
-                    for (int64_t s = s0; s < s1; s++) {
-                        _tile_loadd(6, b + s * 2 * TILE, TILE_BYTES);
-                        _tile_loadd(7, b + s * 2 * TILE + TILE, TILE_BYTES);
-                        _tile_loadd(4, a0 + s * TILE, TILE_BYTES);
-                        _tile_loadd(5, a1 + s * TILE, TILE_BYTES);
-                        _tile_dpbssd(0, 4, 6);
-                        _tile_dpbssd(1, 4, 7);
-                        _tile_dpbssd(2, 5, 6);
-                        _tile_dpbssd(3, 5, 7);
-                    }
-                } else {
-                    for (int64_t s = s0; s < s1; s++) {
-                        _tile_loadd(6, b + s * 2 * TILE, TILE_BYTES);
-                        _tile_loadd(7, b + s * 2 * TILE + TILE, TILE_BYTES);
-                        _tile_loadd(4, a0 + s * TILE, TILE_BYTES);
-                        _tile_dpbssd(0, 4, 6);
-                        _tile_dpbssd(1, 4, 7);
-                    }
-                }
+                tile_steps(a0, a1, b, s0, s1, two);
                 _tile_stored(0, acc, stride);
                 _tile_stored(1, acc + 16, stride);
                 if (two) {
@@ -281,18 +290,7 @@ AMX_TARGET static void run_panel_int4(const Int8AmxTask *t, int64_t first_pair, 
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    for (int64_t s = g0; s < g0 + group_steps; s++) {
-                        _tile_loadd(6, b + (s - s0) * 2 * TILE, TILE_BYTES);
-                        _tile_loadd(7, b + (s - s0) * 2 * TILE + TILE, TILE_BYTES);
-                        _tile_loadd(4, a0 + s * TILE, TILE_BYTES);
-                        _tile_dpbssd(0, 4, 6);
-                        _tile_dpbssd(1, 4, 7);
-                        if (two) {
-                            _tile_loadd(5, a1 + s * TILE, TILE_BYTES);
-                            _tile_dpbssd(2, 5, 6);
-                            _tile_dpbssd(3, 5, 7);
-                        }
-                    }
+                    tile_steps(a0 + s0 * TILE, a1 + s0 * TILE, b, g0 - s0, g0 - s0 + group_steps, two);
                     _tile_stored(0, group_sums, stride);
                     _tile_stored(1, group_sums + 16, stride);
                     if (two) {
