@@ -248,8 +248,8 @@ AMX_TARGET static void unpack_int4(const Int8AmxTask *t, int64_t first_pair, int
             }
 }
 
-/* rows x 32 int32 group sums (row stride PAIR) times the group's column scales, into (or, for the
- * first group, onto) the float32 sums (row stride PANEL). */
+/* rows x 32 int32 group sums (row stride PAIR) times the group's column scales, added to the
+ * float32 sums (row stride PANEL), or written there for the first group. */
 AMX_TARGET static void scale_group(const int32_t *group_sums, int rows, const float *scales, float *sums, int first) {
     const __m512 s0 = _mm512_loadu_ps(scales), s1 = _mm512_loadu_ps(scales + 16);
     for (int r = 0; r < rows; r++) {
