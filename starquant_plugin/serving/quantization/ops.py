@@ -267,11 +267,7 @@ def _check_int4_mm(codes, packed, scales, group: int, row_scales, table, states)
         raise ValueError(f"int4_mm: group {group} does not divide the input width {k}")
     _check_shape("packed", tuple(packed.shape), (n // 16, k // 8, 16, 4))
     _check_shape("scales", tuple(scales.shape), (k // group, n))
-    if row_scales is not None:
-        _check_shape("row_scales", row_scales.numel(), m)
-    if table is not None:
-        _check_shape("table", tuple(table.shape), (2, n))
-        _check_shape("states", -1 if states is None else states.numel(), m)
+    _check_epilogue(m, n, row_scales, table, states, None)
 
 
 def _int4_mm_torch(codes, packed, scales, group: int, row_scales, table, states, dtype) -> torch.Tensor:

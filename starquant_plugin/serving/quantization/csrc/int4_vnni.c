@@ -98,17 +98,7 @@ INLINE void store_rows(const Int4VnniTask *t, const float *sums, int64_t row, in
             v16f value;
             memcpy(&value, sums + r * PANEL + 16 * v, sizeof value);
             value *= scale;
-            if (t->bf16) {
-                if (t->table) value += widen16((const uint16_t *)t->table + state * t->n + c);
-                narrow16(value, (uint16_t *)t->out + at);
-            } else {
-                if (t->table) {
-                    v16f add;
-                    memcpy(&add, (const float *)t->table + state * t->n + c, sizeof add);
-                    value += add;
-                }
-                memcpy((float *)t->out + at, &value, sizeof value);
-            }
+            add_and_store16(value, t->table, state * t->n + c, t->out, at, t->bf16);
         }
     }
 }

@@ -146,17 +146,7 @@ AMX_TARGET static void store_rows(const Int8AmxTask *t, const int32_t *sums, int
                 memcpy(&bias, t->bias + c, sizeof bias);
                 value += bias;
             }
-            if (t->bf16) {
-                if (t->table) value += widen16((const uint16_t *)t->table + state * t->n + c);
-                narrow16(value, (uint16_t *)t->out + at);
-            } else {
-                if (t->table) {
-                    v16f add;
-                    memcpy(&add, (const float *)t->table + state * t->n + c, sizeof add);
-                    value += add;
-                }
-                memcpy((float *)t->out + at, &value, sizeof value);
-            }
+            add_and_store16(value, t->table, state * t->n + c, t->out, at, t->bf16);
         }
     }
 }

@@ -50,3 +50,20 @@ static inline __attribute__((always_inline)) void narrow16(v16f x, uint16_t *out
     memcpy(out, &half, sizeof half);
 }
 
+
+/* 16 outputs `value` plus, where `table` is not NULL, its 16 values at `table_at`, stored at `out_at`:
+ * bf16 (table and out bf16, rounded once) or float32. The C GEMMs' last epilogue step. */
+static inline __attribute__((always_inline)) void add_and_store16(v16f value, const void *table, int64_t table_at,
+                                                                  void *out, int64_t out_at, int bf16) {
+    if (bf16) {
+        if (table) value += widen16((const uint16_t *)table + table_at);
+        narrow16(value, (uint16_t *)out + out_at);
+    } else {
+        if (table) {
+            v16f add;
+            memcpy(&add, (const float *)table + table_at, sizeof add);
+            value += add;
+        }
+        memcpy((float *)out + out_at, &value, sizeof value);
+    }
+}
